@@ -86,6 +86,9 @@ def bench(
     if P > 1:
         parallel.init_group(plan.runs[0].config.device)
     main_rank = parallel.rank() == 0  # only rank 0 writes to the store and prints
+    if main_rank:
+        for line in plan.skipped:
+            click.echo(f"not run: {line}")
     conn = store.connect(db) if main_rank else None
     try:
         summary = runner.run_plan(plan, conn)

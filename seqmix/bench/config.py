@@ -424,6 +424,9 @@ def expand(suite: SuiteConfig, *, mixers: Sequence[Mixers] | None = None, overri
             for point in itertools.product(*(grid[k] for k in grid_keys)):
                 fields = dict(suite.defaults) | dict(entry.settings) | dict(zip(grid_keys, point)) | run_overrides
                 fields["device"] = resolve_device(fields.get("device", "auto"))
+                if fields.get("sequence_parallel", 1) > 1 and task.model != "decoder_lm":
+                    skipped.append(f"{entry.task}/{mixer_label(mixer)}: sequence parallelism serves decoder_lm models, the task needs {task.model}")
+                    break
                 config = RunConfig(task=entry.task, mixer=mixer, task_options=options, **fields)
                 runs.setdefault(config.to_json(), PlannedRun(config, task.pattern, task.model))
     if not runs:

@@ -158,12 +158,22 @@ def lasp2_gated_linear_attention(
 
     def summarize(reverse: bool) -> Tensor:
         """``[N | a]``: ``N = sum_j w_j k_j v_j^T`` and the total decay ``a = exp(sum_j g_j)`` ``[B, H, K, 1]``;
-        forward ``w_j = exp(g_{j+1} + ... + g_end)``, reversed ``w_j = exp(g_start + ... + g_j)``."""
-        G = gate.cumsum(dim=1)
-        w = torch.exp(G if reverse else G[:, -1:] - G)
-        N = torch.einsum("bshk,bshv->bhkv", k.to(acc) * w, v.to(acc))
-        a = torch.exp(G[:, -1]).expand(B, H, K)[..., None]
-        return torch.cat([N, a], dim=-1)
+        forward ``w_j = exp(g_{j+1} + ... + g_end)``, reversed ``w_j = exp(g_start + ... + g_j)``.
+
+        ``N`` is the final state of the local op from zero (over the reversed chunk for the reversed
+        map), asked of its noncausal cross form, which reads that state with one query and discards
+        the read: the op's own kernels, no ``[B, T, H, K]`` float32 copies or scans along time."""
+        keys, values, gates = (k_reversed(), v.flip(1), _flip(g)) if reverse else (k, v, g)
+        _, N = gated_linear_attention(
+            q[:, :1], keys, values, gates, causal=False, cross=True, scale=scale, output_final_state=True,
+            backend=backend, chunk_size=chunk_size,
+        )  # fmt: skip
+        a = torch.exp(gate.sum(dim=1)).expand(B, H, K)[..., None]
+        return torch.cat([N.to(acc), a], dim=-1)
+
+    def k_reversed() -> Tensor:
+        """Keys of the reversed recurrence ``R~_j``, which writes ``exp(g_j) k_j v_j^T``, in reversed time."""
+        return (k * torch.exp(gate).to(k.dtype)).flip(1)
 
     def compose(m: Tensor, state: Tensor) -> Tensor:
         return m[..., -1:] * state + m[..., :-1]
@@ -174,9 +184,8 @@ def lasp2_gated_linear_attention(
                 queries, k, v, g, causal=True, scale=scale, initial_state=initial, backend=backend, chunk_size=chunk_size
             )
             return o
-        k_rev = (k * torch.exp(gate).to(k.dtype)).flip(1)  # R~ writes exp(g_j) k_j v_j^T
         o, _ = gated_linear_attention(
-            queries.flip(1), k_rev, v.flip(1), _flip(g), causal=True, scale=scale, initial_state=initial,
+            queries.flip(1), k_reversed(), v.flip(1), _flip(g), causal=True, scale=scale, initial_state=initial,
             backend=backend, chunk_size=chunk_size,
         )  # fmt: skip
         return o.flip(1)

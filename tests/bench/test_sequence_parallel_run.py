@@ -90,3 +90,12 @@ def test_cli_refuses_sequence_parallel_without_torchrun(tmp_path, monkeypatch):
     assert "--sequence-parallel 2 needs 2 processes launched by torchrun (WORLD_SIZE=1)" in result.output
     assert "torchrun --nproc_per_node 2 $(which seqmix) bench --sequence-parallel 2" in result.output
     assert not (tmp_path / "r.db").exists()
+
+
+def test_plan_leaves_out_models_other_than_decoder_lm(tmp_path):
+    args = ["bench", "--suite", "quick", "--mixers", "gla", "--sequence-parallel", "2", "--dry-run", "--db", str(tmp_path / "r.db")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "not run: listops/gla: sequence parallelism serves decoder_lm models, the task needs encoder_classifier" in result.output
+    planned = [line.split()[1] for line in result.output.splitlines()[2:] if line.split() and line.split()[0].isdigit()]
+    assert planned and set(planned) <= {"mqar", "induction", "selective_copy", "text_lm"}
