@@ -15,9 +15,9 @@
 # ./profile_out). Merge the parts into one report afterwards, on any machine:
 #   python -m seqmix.cli profile --report-only --db DIR/profile.db --merge PART1/profile.db ... --out DIR
 # fla comes from wheels in .whl/ when present (fla-core and flash-linear-attention, carried with
-# the call); without them the report lists the fla peers as not installed. Without a .git (a
-# copied tree), set SEQMIX_GIT_REVISION to the commit. Extra arguments override the defaults,
-# e.g. a CPU dry run:
+# the call); without them the report lists the fla peers as not installed. In a copied tree (no
+# .git, or a stale one), set SEQMIX_GIT_REVISION to the commit. Extra arguments override the
+# defaults, e.g. a CPU dry run:
 #   bash benchmarks/profile_h100.sh --device cpu --lengths 64,128 --heads 2 --head-dim 16 --tokens 256
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -188,10 +188,12 @@ def sync(device: torch.device) -> None:
 
 
 def environment(args, world: int, device: torch.device) -> dict:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        rev = args.revision or "unknown"
+    rev = args.revision  # named where the tree runs outside its checkout (a copied tree may carry a stale .git)
+    if rev is None:
+        try:
+            rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            rev = "unknown"
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_revision": rev,

@@ -96,14 +96,16 @@ def versions() -> dict[str, str]:
 
 
 def git_revision() -> str:
-    """The seqmix source tree's git commit (``+dirty`` with uncommitted changes); in a copy without
-    ``.git``, ``$SEQMIX_GIT_REVISION``; else ``"unknown"``."""
+    """``$SEQMIX_GIT_REVISION`` when set (a copied tree, whose ``.git`` may be missing or stale);
+    else the source tree's git commit (``+dirty`` with uncommitted changes); else ``"unknown"``."""
+    if os.environ.get("SEQMIX_GIT_REVISION"):
+        return os.environ["SEQMIX_GIT_REVISION"]
     root = Path(__file__).resolve().parents[2]
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("SEQMIX_GIT_REVISION", "unknown")
+        return "unknown"
     return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 

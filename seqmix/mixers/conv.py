@@ -59,16 +59,25 @@ class S4D(Mixer):
         self.z_proj = nn.Linear(d_model, d_model)
         self.o_proj = nn.Linear(d_model, d_model)
 
+    @property
+    def _real(self) -> torch.dtype:
+        """The real dtype of the complex parameters: float32 at least (no complex bf16 or fp16)."""
+        return torch.promote_types(self.D.dtype, torch.float32)
+
     def _discrete(self):
         """``dt A`` and the zero-order-hold input weights ``(exp(dt A) - 1) / A``, ``[D, modes]`` complex."""
-        A = torch.complex(-torch.exp(self.log_A_real), self.A_imag)
-        dtA = torch.exp(self.log_dt)[:, None] * A
+        A = torch.complex(-torch.exp(self.log_A_real.to(self._real)), self.A_imag.to(self._real))
+        dtA = torch.exp(self.log_dt.to(self._real))[:, None] * A
         return dtA, (torch.exp(dtA) - 1) / A
+
+    def _C(self, direction: int) -> torch.Tensor:
+        """The output weights ``C [D, modes]`` complex, of ``direction`` (1: the backward kernel)."""
+        return torch.view_as_complex(self.C[direction].to(self._real).contiguous())
 
     def kernel(self, length: int, direction: int = 0) -> torch.Tensor:
         """``K [D, length]`` for lags ``0..length-1`` (direction 1: the backward kernel)."""
         dtA, B = self._discrete()
-        C = torch.view_as_complex(self.C[direction].contiguous())
+        C = self._C(direction)
         powers = torch.exp(dtA[..., None] * torch.arange(length, device=dtA.device))  # (D, modes, L)
         return 2 * torch.einsum("dn,dnl->dl", C * B, powers).real
 
@@ -91,7 +100,7 @@ class S4D(Mixer):
         u = self.u_proj(x_t if context_t is None else context_t)  # (B, D)
         dtA, B = self._discrete()
         h = torch.exp(dtA) * state["h"] + B * u[..., None]
-        y = 2 * torch.einsum("dn,bdn->bd", torch.view_as_complex(self.C[0].contiguous()), h).real.to(u.dtype) + self.D * u
+        y = 2 * torch.einsum("dn,bdn->bd", self._C(0), h).real.to(u.dtype) + self.D * u
         return self.o_proj(y * F.silu(self.z_proj(x_t))), {"h": h}
 
     def prefill(self, x, state, *, context=None, mask=None):
@@ -105,7 +114,7 @@ class S4D(Mixer):
         u = zero_padded(self.u_proj(x if context is None else context), mask)  # (B, T, D)
         T = u.shape[1]
         dtA, B = self._discrete()
-        C = torch.view_as_complex(self.C[0].contiguous())
+        C = self._C(0)
         h0 = state["h"]
         P = torch.exp(dtA[..., None] * torch.arange(T + 1, device=u.device)).to(h0.dtype)  # (D, modes, T + 1)
         y = long_conv(u, self.kernel(T).to(u.dtype), causal=True, backend=self.backend) + self.D * u

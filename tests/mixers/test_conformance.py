@@ -64,8 +64,6 @@ def test_shape_and_gradients(name, pattern):
 def test_bf16_autocast_forward_and_backward(name, pattern):
     """Under autocast some features come out of projections in bf16 and others (softplus, sigmoid)
     in float32: the mixer must hand its op one dtype."""
-    if name == "s4d":
-        pytest.skip("s4d's kernel is complex-valued: float32 parameters under autocast, covered by the other tests")
     mixer = build(name).float()
     x, context = (None if t is None else t.float() for t in inputs(pattern, T_CTX if pattern is Pattern.NONCAUSAL_CROSS else T))
     x.requires_grad_(True)
@@ -73,6 +71,17 @@ def test_bf16_autocast_forward_and_backward(name, pattern):
         y = run(mixer, pattern, x, context)
     y.float().square().sum().backward()
     assert torch.isfinite(y.float()).all() and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("name,pattern", cases())
+def test_bf16_weights_forward_matches_float32(name, pattern):
+    """A mixer cast to bf16 (as the profiler runs it) computes what its float32 original does, to bf16 precision."""
+    mixer = build(name).float()
+    x, context = (None if t is None else t.float() for t in inputs(pattern, T_CTX if pattern is Pattern.NONCAUSAL_CROSS else T))
+    expected = run(mixer, pattern, x, context)
+    y = run(mixer.to(torch.bfloat16), pattern, x.bfloat16(), None if context is None else context.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y.float(), expected) < 5e-2
 
 
 @pytest.mark.parametrize("name,pattern", cases([Pattern.CAUSAL_SELF, Pattern.CAUSAL_CROSS]))
