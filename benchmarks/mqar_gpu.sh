@@ -27,4 +27,6 @@ done
 bench --mixers gated_deltanet 'd_model=[64,128]' "$@" > "$out/gated_deltanet_64_128.log" 2>&1 &
 bench --mixers gated_deltanet d_model=256 "$@" > "$out/gated_deltanet_256.log" 2>&1 &
 wait
+# fold the write-ahead log into the store, so that the one file holds every finished run
+python3 -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).execute('PRAGMA wal_checkpoint(TRUNCATE)')" "$out/bench.db"
 python3 -m seqmix.cli report --db "$out/bench.db" --out "$out"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -76,7 +78,7 @@ def _softmax_attention_sdpa(q, k, v, *, causal, window, key_padding_mask, scale)
 
 
 def _softmax_attention_flex(q, k, v, *, causal, window, key_padding_mask, scale):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     if key_padding_mask is not None:
         raise ValueError("softmax_attention: backend 'flex' takes no key_padding_mask; use backend='sdpa'")
@@ -84,17 +86,38 @@ def _softmax_attention_flex(q, k, v, *, causal, window, key_padding_mask, scale)
         raise ValueError("softmax_attention: backend 'flex' is for sliding windows; pass window or use backend='sdpa'")
     if not q.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise ValueError("softmax_attention: backend 'flex' has no backward on the CPU; use backend='sdpa'")
-    T, S = q.shape[1], k.shape[1]
+    block_mask = _window_block_mask(q.shape[1], k.shape[1], window, causal, q.device)
+    fn = _compiled_flex() if q.is_cuda else flex_attention
+    o = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale)
+    return o.transpose(1, 2)
+
+
+FLEX_BLOCK = 128
+
+
+@functools.lru_cache(maxsize=32)
+def _window_block_mask(T: int, S: int, window: int, causal: bool, device: torch.device):
+    """The sliding-window ``BlockMask`` (query ``i`` sees key ``j`` if ``|i - j| < window``, and
+    ``j <= i`` if causal), built from its band of key blocks: ``O(T / 128 * window / 128)`` memory,
+    where ``create_block_mask`` evaluates the mask on the whole ``T x S`` grid. Every block of the
+    band is treated as partial (the mask is applied inside it). Cached per shape."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     def local(b, h, i, j):
         if causal:
             return (j <= i) & (i - j < window)
         return (i - j < window) & (j - i < window)
 
-    block_mask = create_block_mask(local, B=None, H=None, Q_LEN=T, KV_LEN=S, device=q.device)
-    fn = _compiled_flex() if q.is_cuda else flex_attention
-    o = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale)
-    return o.transpose(1, 2)
+    rows = torch.arange(-(-T // FLEX_BLOCK), device=device) * FLEX_BLOCK  # first query of each block
+    first = ((rows - window + 1).clamp_min(0) // FLEX_BLOCK).clamp_max(-(-S // FLEX_BLOCK) - 1)
+    last_key = rows + FLEX_BLOCK - 1 if causal else rows + FLEX_BLOCK - 1 + window - 1
+    last = (last_key.clamp_max(S - 1) // FLEX_BLOCK)
+    count = (last - first + 1).clamp_min(0)
+    width = max(int(count.max()), 1)
+    indices = (first[:, None] + torch.arange(width, device=device)).clamp_max(-(-S // FLEX_BLOCK) - 1)
+    return BlockMask.from_kv_blocks(
+        count[None, None].int(), indices[None, None].int(), BLOCK_SIZE=FLEX_BLOCK, mask_mod=local, seq_lengths=(T, S)
+    )
 
 
 _FLEX = None

@@ -42,6 +42,17 @@ def test_reference_equals_brute_force(causal, window):
     assert rel_err(o, brute_force(q, k, v, allowed)) < 1e-12
 
 
+@pytest.mark.parametrize("causal,T,S,window", [(True, 300, 300, 70), (True, 300, 300, 200), (False, 300, 300, 70),
+                                               (False, 260, 300, 130), (False, 300, 140, 40)])
+def test_flex_window_band_spans_blocks(causal, T, S, window):
+    """The sliding-window block mask built from its band of 128-token blocks, on lengths of several
+    blocks and windows across block edges (forward: FlexAttention has no backward on the CPU)."""
+    q, k, v = qkv(B=1, T=T, S=S, H=1, dtype=torch.float32)
+    kw = dict(causal=causal, window=window)
+    o = softmax_attention(q, k, v, backend="flex", **kw)
+    assert rel_err(o, softmax_attention(q.double(), k.double(), v.double(), backend="reference", **kw)) < 1e-5
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 @pytest.mark.parametrize("causal,window,padded,S", [(False, None, False, 5), (True, None, False, 9), (True, None, True, 9),
                                                     (False, None, True, 5), (True, 4, False, 9), (False, 4, False, 9), (True, 4, True, 9)])
