@@ -75,11 +75,20 @@ class S4D(Mixer):
         return torch.view_as_complex(self.C[direction].to(self._real).contiguous())
 
     def kernel(self, length: int, direction: int = 0) -> torch.Tensor:
-        """``K [D, length]`` for lags ``0..length-1`` (direction 1: the backward kernel)."""
+        """``K [D, length]`` for lags ``0..length-1`` (direction 1: the backward kernel).
+
+        Lags split as ``l = a L_b + r`` with ``L_b = isqrt(length)``, and
+        ``exp(l dt A) = exp(a L_b dt A) exp(r dt A)``: ``K`` is one batched product of
+        ``[D, length / L_b, modes]`` by ``[D, modes, L_b]``, in ``O(D (modes sqrt(length) + length))``
+        memory rather than the ``[D, modes, length]`` of every power."""
         dtA, B = self._discrete()
-        C = self._C(direction)
-        powers = torch.exp(dtA[..., None] * torch.arange(length, device=dtA.device))  # (D, modes, L)
-        return 2 * torch.einsum("dn,dnl->dl", C * B, powers).real
+        block = max(1, math.isqrt(length))
+        n_blocks = -(-length // block)
+        inner = torch.exp(dtA[..., None] * torch.arange(block, device=dtA.device))  # (D, modes, L_b)
+        starts = torch.arange(0, n_blocks * block, block, device=dtA.device)
+        outer = (self._C(direction) * B)[..., None] * torch.exp(dtA[..., None] * starts)  # (D, modes, blocks)
+        K = 2 * torch.einsum("dna,dnr->dar", outer, inner).real  # (D, blocks, L_b)
+        return K.reshape(K.shape[0], -1)[:, :length]
 
     def _forward(self, x, context, pattern, mask, context_mask):
         u = zero_padded(self.u_proj(context), context_mask)
