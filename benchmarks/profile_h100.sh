@@ -11,6 +11,8 @@
 #   PART=fla-simple  fla chunk_simple_gla and chunk_linear_attn beside gated_linear_attention
 #   PART=fla-gla     fla chunk_gla beside gated_linear_attention
 #   PART=fla-delta   fla chunk_gated_delta_rule beside delta_rule
+#   PART=step        issue 8: one decoding step of every op and mixer after a context of 1K..1M
+#                    tokens, batch 1 and 64 (KV caches until memory runs out)
 # Each writes profile.db, profile.md, two plots and profile.log under $OUT (default
 # ./profile_out). Merge the parts into one report afterwards, on any machine:
 #   python -m seqmix.cli profile --report-only --db DIR/profile.db --merge PART1/profile.db ... --out DIR
@@ -23,12 +25,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./profile_out}"
 PART="${PART:-seqmix}"
+mode=fwd,fwdbwd
+lengths=1024,2048,4096,8192,16384,32768,65536
 case "$PART" in
     seqmix) select=(--ops all --mixers all --peers torch.flex_attention) ;;
+    step) select=(--ops all --mixers all --peers none); mode=step; lengths=1024,4096,16384,65536,262144,1048576 ;;
     fla-simple) select=(--ops gated_linear_attention --mixers none --peers fla.chunk_simple_gla,fla.chunk_linear_attn) ;;
     fla-gla) select=(--ops gated_linear_attention --mixers none --peers fla.chunk_gla) ;;
     fla-delta) select=(--ops delta_rule --mixers none --peers fla.chunk_gated_delta_rule) ;;
-    *) echo "PART must be seqmix, fla-simple, fla-gla or fla-delta, got '$PART'" >&2; exit 2 ;;
+    *) echo "PART must be seqmix, fla-simple, fla-gla, fla-delta or step, got '$PART'" >&2; exit 2 ;;
 esac
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -36,7 +41,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-python3 -m seqmix.cli profile "${select[@]}" --patterns CS --mode fwd,fwdbwd \
-    --lengths 1024,2048,4096,8192,16384,32768,65536 --tokens 65536 --heads 16 --head-dim 128 --dtype bf16 \
+python3 -m seqmix.cli profile "${select[@]}" --patterns CS --mode "$mode" \
+    --lengths "$lengths" --tokens 65536 --heads 16 --head-dim 128 --dtype bf16 \
     --device cuda --window 1024 --warmup-ms 10 --rep-ms 40 --time-cap-s 3 --budget-s 450 \
     --lift-fla-guard --out "$OUT" --db "$OUT/profile.db" "$@" 2>&1 | tee "$OUT/profile.log"
