@@ -13,6 +13,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from seqmix.bench.store import open_sqlite
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS profile (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -72,15 +74,7 @@ COLUMNS = (
 
 def connect_profile(path: str | Path) -> sqlite3.Connection:
     """Opens (creating if needed) the results file at ``path`` in WAL mode, with the profiler's tables."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=60)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    with conn:
-        conn.execute(SCHEMA)
-        conn.execute(RUNS_SCHEMA)
-    return conn
+    return open_sqlite(path, SCHEMA, RUNS_SCHEMA)
 
 
 def insert_run(conn: sqlite3.Connection, run: dict[str, Any]) -> None:

@@ -58,16 +58,23 @@ COLUMNS = (
 JSON_COLUMNS = ("config", "metrics", "details", "versions")
 
 
-def connect(path: str | Path) -> sqlite3.Connection:
-    """Opens (creating if needed) the store at ``path`` in WAL mode, with the ``runs`` table."""
+def open_sqlite(path: str | Path, *schemas: str) -> sqlite3.Connection:
+    """Opens (creating it and its folder if needed) the SQLite file at ``path`` in WAL mode, with
+    rows by column name, and runs each ``CREATE TABLE IF NOT EXISTS`` of ``schemas``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=60)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
     with conn:
-        conn.execute(SCHEMA)
+        for schema in schemas:
+            conn.execute(schema)
     return conn
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    """Opens (creating if needed) the store at ``path`` in WAL mode, with the ``runs`` table."""
+    return open_sqlite(path, SCHEMA)
 
 
 def run_id(config: RunConfig) -> str:
