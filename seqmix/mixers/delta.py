@@ -26,6 +26,7 @@ class DeltaNet(RecurrentMixer):
 
     name = "deltanet"
     patterns = ALL_PATTERNS
+    backends = ("reference", "chunked", "triton")
     gated = False
 
     def __init__(self, d_model: int, n_heads: int = 4, *, conv_width: int = 4, backend: str = "auto"):

@@ -6,12 +6,17 @@ rule: each token first erases what the memory returns for its key, then writes i
 
     S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,      o_t = scale * S_t^T q_t.
 
-``g = None`` means ``g = 0`` (plain DeltaNet). Three forms: :func:`delta_rule` (checks and
-dispatches), :func:`delta_rule_reference` (the recurrence as a loop over time) and
-:func:`delta_rule_chunked` (the chunked parallel form with the WY/UT representation).
+``g = None`` means ``g = 0`` (plain DeltaNet). Four forms: :func:`delta_rule` (checks and
+dispatches), :func:`delta_rule_reference` (the recurrence as a loop over time),
+:func:`delta_rule_chunked` (the chunked parallel form with the WY/UT representation) and
+:func:`delta_rule_triton` (the same with its recurrence across chunks in Triton).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +24,10 @@ from torch import Tensor
 
 from seqmix import kernels
 from seqmix.ops._checks import (
-    check_log_gate, check_qkv, check_shape, check_tensor, needs_grad, resolve_backend, resolve_scale,
+    check_cu_seqlens, check_log_gate, check_qkv, check_shape, check_tensor, needs_grad, resolve_backend, resolve_scale,
 )
 
-__all__ = ["delta_rule", "delta_rule_chunked", "delta_rule_reference", "delta_rule_step"]
+__all__ = ["delta_rule", "delta_rule_chunked", "delta_rule_reference", "delta_rule_step", "delta_rule_triton"]
 
 
 def delta_rule(
@@ -39,6 +44,7 @@ def delta_rule(
     output_final_state: bool = False,
     backend: str = "auto",
     chunk_size: int = 64,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Delta-rule (and, with ``g``, gated delta-rule) attention.
 
@@ -51,12 +57,16 @@ def delta_rule(
         causal: whether query ``i`` sees only positions ``<= i`` (needs ``S == T``).
         cross: whether ``k, v`` come from another sequence than ``q``.
         scale: output scale, ``K ** -0.5`` by default.
-        initial_state: ``S_0`` of shape ``[B, H, K, V]``; zeros by default.
+        initial_state: ``S_0`` of shape ``[B, H, K, V]`` (``[N, H, K, V]`` packed); zeros by default.
         output_final_state: whether to return the forward recurrence's last state.
-        backend: ``"reference"``, ``"chunked"``, ``"triton"`` or ``"auto"`` (the chunked form; on
-            CUDA a single causal token without gradients runs the fused step kernel, ``"triton"``,
-            which is the only Triton form of the delta rule so far).
-        chunk_size: chunk length of the chunked form.
+        backend: ``"reference"``, ``"chunked"``, ``"triton"`` (the chunked form with its recurrence
+            across chunks in Triton, and the fused step kernel for a single causal token without
+            gradients; CUDA tensors or ``TRITON_INTERPRET=1``) or ``"auto"`` (triton on CUDA, else
+            chunked).
+        chunk_size: chunk length of the chunked and triton forms (triton: 16, 32, 64 or 128).
+        cu_seqlens: for causal forms, offsets ``[N + 1]`` (int32/int64) of ``N`` sequences packed
+            along time in a batch of one; each starts from its own initial state and has its own
+            final state ``[N, H, K, V]``.
 
     Patterns (1-based time, ``S_t`` the recurrence above from ``S_0``):
 
@@ -84,36 +94,33 @@ def delta_rule(
     check_shape("beta", beta, (B, S, H), q)
     if g is not None:
         check_log_gate("g", g, q, [(B, S, H)])
-    check_shape("initial_state", initial_state, (B, H, K, V), q)
+    n_seq = check_cu_seqlens(cu_seqlens, q, causal=causal)
+    check_shape("initial_state", initial_state, (B if n_seq is None else n_seq, H, K, V), q)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     scale = resolve_scale(scale, K)
-    why_not = {}
-    if reason := kernels.unsupported(q, (K, V)):
-        why_not["triton"] = reason
-    elif not (causal and T == 1) or needs_grad(q, k, v, beta, g, initial_state):
-        why_not["triton"] = "the delta rule's Triton form is the single-token step (causal, T == 1, no gradients)"
+    why_not = {"triton": reason} if (reason := kernels.unsupported(q, (K, V), chunk_size)) else {}
     available = ("reference", "chunked") + (() if why_not else ("triton",))
     backend = resolve_backend("delta_rule", backend, available, q.device, why_not)
-    if backend == "triton":
-        S0 = initial_state if initial_state is not None else q.new_zeros(B, H, K, V, dtype=torch.float32)
-        o, final = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], S0, g=None if g is None else g[:, 0],
-                                   scale=scale, backend="triton")
-        return o[:, None], (final if output_final_state else None)
     kwargs = dict(
         g=g, causal=causal, cross=cross, scale=scale, initial_state=initial_state, output_final_state=output_final_state
     )
-    if backend == "reference":
-        return delta_rule_reference(q, k, v, beta, **kwargs)
-    return delta_rule_chunked(q, k, v, beta, **kwargs, chunk_size=chunk_size)
+    if backend == "triton":
+        return delta_rule_triton(q, k, v, beta, **kwargs, chunk_size=chunk_size, cu_seqlens=cu_seqlens)
+    run = delta_rule_reference if backend == "reference" else partial(delta_rule_chunked, chunk_size=chunk_size)
+    if cu_seqlens is not None:
+        return _each_sequence(run, q, k, v, beta, cu_seqlens=cu_seqlens, **kwargs)
+    return run(q, k, v, beta, **kwargs)
 
 
 def _prepare(
-    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, initial_state: Tensor | None
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, initial_state: Tensor | None,
+    n_seq: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Casts to the state dtype; fills in ``g = 0`` and ``S_0 = 0``."""
+    """Casts to the state dtype; fills in ``g = 0`` and ``S_0 = 0`` (one per sequence: ``n_seq``, or the batch)."""
     dtype = torch.promote_types(q.dtype, torch.float32)
     B, _, H, K = k.shape
+    B = B if n_seq is None else n_seq
     V = v.shape[-1]
     g = torch.zeros_like(beta, dtype=dtype) if g is None else g.to(dtype)
     if initial_state is None:
@@ -185,8 +192,64 @@ def delta_rule_reference(
 # --------------------------------------------------------------------------- chunked
 
 
+class _Chunks(NamedTuple):
+    """The within-chunk parts of :func:`_chunked_scan`, ``[B, H, N, C, .]`` (``gamma [B, H, N]``)."""
+
+    w: Tensor  # [.., C, K]
+    u0: Tensor  # [.., C, V]
+    k_to_end: Tensor  # [.., C, K]
+    gamma: Tensor  # exp(G_C), the chunk's decay
+    q_from_start: Tensor | None  # [.., C, K]
+    attn: Tensor | None  # [.., C, C]
+
+
+def _to_chunks(x: Tensor, C: int) -> Tensor:
+    """``[B, S, H, D]`` -> ``[B, H, N, C, D]``, zero-padding the time axis to ``N * C``."""
+    B, S, H, D = x.shape
+    N = -(-S // C)
+    x = F.pad(x, (0, 0, 0, 0, 0, N * C - S))
+    return x.reshape(B, N, C, H, D).permute(0, 3, 1, 2, 4)
+
+
+def _within_chunks(q: Tensor | None, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, C: int) -> _Chunks:
+    """Every chunk's ``W, U0``, decayed keys and queries and its attention (see :func:`_chunked_scan`)."""
+    k, v = _to_chunks(k, C), _to_chunks(v, C)
+    beta, g = _to_chunks(beta[..., None], C)[..., 0], _to_chunks(g[..., None], C)[..., 0]  # (B, H, N, C)
+    G = g.cumsum(-1)
+    diff = G[..., :, None] - G[..., None, :]  # G_i - G_j, (B, H, N, C, C); > 0 only above the diagonal
+    # Masking j > i (or j >= i) to -inf before exponentiating keeps every exponent <= 0.
+    lower = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
+    strictly_lower = lower.tril(-1)
+    decay_strict = diff.masked_fill(~strictly_lower, float("-inf")).exp()
+    eye = torch.eye(C, dtype=k.dtype, device=k.device)
+    A = beta[..., None] * (k @ k.transpose(-1, -2)) * decay_strict
+    rhs = torch.cat([k * (beta * G.exp())[..., None], v * beta[..., None]], dim=-1)
+    w, u0 = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True).split([k.shape[-1], v.shape[-1]], dim=-1)
+    k_to_end = k * (G[..., -1:] - G).exp()[..., None]  # (B, H, N, C, K)
+    q_from_start = attn = None
+    if q is not None:
+        q = _to_chunks(q, C)
+        attn = (q @ k.transpose(-1, -2)) * diff.masked_fill(~lower, float("-inf")).exp()
+        q_from_start = q * G.exp()[..., None]
+    return _Chunks(w, u0, k_to_end, G[..., -1].exp(), q_from_start, attn)
+
+
+def _across_chunks(w: Tensor, u0: Tensor, k_to_end: Tensor, gamma: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The recurrence across chunks as a loop: ``U_n = U0_n - W_n S_n``,
+    ``S_{n+1} = gamma_n S_n + k_to_end_n^T U_n``; returns the entering states ``[B, H, N, K, V]``,
+    ``U [B, H, N, C, V]`` and the final state (the Triton form: :mod:`seqmix.kernels.delta_chunk`)."""
+    entering, pseudo = [], []
+    for n in range(w.shape[2]):
+        U = u0[:, :, n] - w[:, :, n] @ state  # (B, H, C, V)
+        entering.append(state)
+        pseudo.append(U)
+        state = gamma[:, :, n, None, None] * state + k_to_end[:, :, n].transpose(-1, -2) @ U
+    return torch.stack(entering, dim=2), torch.stack(pseudo, dim=2), state
+
+
 def _chunked_scan(
-    q: Tensor | None, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, state: Tensor, chunk_size: int
+    q: Tensor | None, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, state: Tensor, chunk_size: int,
+    across: Callable[..., tuple[Tensor, Tensor, Tensor]] = _across_chunks,
 ) -> tuple[Tensor | None, Tensor]:
     """The forward recurrence in chunks of C tokens; reads ``S_t^T q_t`` (inclusive) when q is given.
 
@@ -200,45 +263,17 @@ def _chunked_scan(
         S_C = exp(G_C) S_0 + (K * exp(G_C - G))^T U.
 
     Every exponent is ``<= 0``. Padded tokens (``beta = 0, g = 0``) leave the state unchanged.
+    Only the state recurrence is sequential: ``across(w, u0, k_to_end, gamma, state)`` (the loop
+    :func:`_across_chunks`, or the Triton kernel) gives every chunk's entering state and ``U``.
     """
-    B, S, H, K = k.shape
-    V = v.shape[-1]
-    C = min(chunk_size, S)
-    N = -(-S // C)
-    pad = N * C - S
-
-    def chunks(x: Tensor) -> Tensor:  # (B, S, H, D) -> (B, H, N, C, D)
-        x = F.pad(x, (0, 0, 0, 0, 0, pad))
-        return x.reshape(B, N, C, H, x.shape[-1]).permute(0, 3, 1, 2, 4)
-
-    k, v = chunks(k), chunks(v)
-    beta, g = chunks(beta[..., None])[..., 0], chunks(g[..., None])[..., 0]  # (B, H, N, C)
-    G = g.cumsum(-1)
-    diff = G[..., :, None] - G[..., None, :]  # G_i - G_j, (B, H, N, C, C); > 0 only above the diagonal
-    # Masking j > i (or j >= i) to -inf before exponentiating keeps every exponent <= 0.
-    lower = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
-    strictly_lower = lower.tril(-1)
-    decay_strict = diff.masked_fill(~strictly_lower, float("-inf")).exp()
-    eye = torch.eye(C, dtype=k.dtype, device=k.device)
-    A = beta[..., None] * (k @ k.transpose(-1, -2)) * decay_strict
-    rhs = torch.cat([k * (beta * G.exp())[..., None], v * beta[..., None]], dim=-1)
-    W, U0 = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True).split([K, V], dim=-1)
-    k_to_end = k * (G[..., -1:] - G).exp()[..., None]  # (B, H, N, C, K)
-    chunk_decay = G[..., -1].exp()[..., None, None]  # (B, H, N, 1, 1)
-    if q is not None:
-        q = chunks(q)
-        attn = (q @ k.transpose(-1, -2)) * diff.masked_fill(~lower, float("-inf")).exp()
-        q_from_start = q * G.exp()[..., None]
-
-    outputs = []
-    for n in range(N):
-        U = U0[:, :, n] - W[:, :, n] @ state  # (B, H, C, V)
-        if q is not None:
-            outputs.append(q_from_start[:, :, n] @ state + attn[:, :, n] @ U)
-        state = chunk_decay[:, :, n] * state + k_to_end[:, :, n].transpose(-1, -2) @ U
+    B, S, H, _ = k.shape
+    V, C = v.shape[-1], chunk_size
+    parts = _within_chunks(q, k, v, beta, g, C)
+    entering, U, state = across(parts.w, parts.u0, parts.k_to_end, parts.gamma, state)
     if q is None:
         return None, state
-    o = torch.stack(outputs, dim=2)  # (B, H, N, C, V)
+    o = parts.q_from_start @ entering.to(parts.q_from_start.dtype) + parts.attn @ U.to(parts.attn.dtype)  # (B, H, N, C, V)
+    N = o.shape[2]
     return o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :S], state
 
 
@@ -248,6 +283,29 @@ def _reversed_inputs(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor) -
     g_rev = g.flip(1)
     gb = torch.cat([torch.zeros_like(g_rev[:, :1]), g_rev[:, :-1]], dim=1)
     return q.flip(1), k.flip(1), v.flip(1), beta.flip(1), gb
+
+
+def _by_pattern(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, state: Tensor, *, causal: bool, cross: bool,
+    scan: Callable[..., tuple[Tensor | None, Tensor]],
+) -> tuple[Tensor, Tensor]:
+    """The patterns from the causal scan ``scan(q or None, k, v, beta, g, state)``: unscaled ``o``
+    and the final state.
+
+    The noncausal-self backward part reuses the causal scan on the flipped sequence (gate ``g``
+    flipped and shifted by one): its read before reversed token ``s`` with query
+    ``exp(gb_s) q'_s`` equals the inclusive read at ``s - 1`` with the query shifted by one.
+    """
+    if causal:
+        return scan(q, k, v, beta, g, state)
+    if cross:
+        _, final = scan(None, k, v, beta, g, state)
+        return torch.einsum("bthk,bhkv->bthv", q, final), final
+    o, final = scan(q, k, v, beta, g, state)
+    qb, kb, vb, bb, gb = _reversed_inputs(q, k, v, beta, g)
+    q_next = torch.cat([qb[:, 1:] * gb[:, 1:, :, None].exp(), torch.zeros_like(qb[:, :1])], dim=1)
+    ob, _ = scan(q_next, kb, vb, bb, gb, torch.zeros_like(state))
+    return o + torch.cat([torch.zeros_like(ob[:, :1]), ob[:, :-1]], dim=1).flip(1), final
 
 
 def delta_rule_chunked(
@@ -264,26 +322,88 @@ def delta_rule_chunked(
     output_final_state: bool = False,
     chunk_size: int = 64,
 ) -> tuple[Tensor, Tensor | None]:
-    """:func:`delta_rule` in chunked parallel form; inputs are not checked.
-
-    The noncausal-self backward part reuses the causal scan on the flipped sequence (gate ``g``
-    flipped and shifted by one): its read before reversed token ``s`` with query
-    ``exp(gb_s) q'_s`` equals the inclusive read at ``s - 1`` with the query shifted by one.
-    """
+    """:func:`delta_rule` in chunked parallel form (:func:`_chunked_scan` composed by
+    :func:`_by_pattern`); inputs are not checked."""
     scale, out_dtype = resolve_scale(scale, q.shape[-1]), q.dtype
     q, k, v, beta, g, state = _prepare(q, k, v, beta, g, initial_state)
-    if causal:
-        o, final = _chunked_scan(q, k, v, beta, g, state, chunk_size)
-    elif cross:
-        _, final = _chunked_scan(None, k, v, beta, g, state, chunk_size)
-        o = torch.einsum("bthk,bhkv->bthv", q, final)
-    else:
-        o, final = _chunked_scan(q, k, v, beta, g, state, chunk_size)
-        qb, kb, vb, bb, gb = _reversed_inputs(q, k, v, beta, g)
-        q_next = torch.cat([qb[:, 1:] * gb[:, 1:, :, None].exp(), torch.zeros_like(qb[:, :1])], dim=1)
-        ob, _ = _chunked_scan(q_next, kb, vb, bb, gb, torch.zeros_like(state), chunk_size)
-        o = o + torch.cat([torch.zeros_like(ob[:, :1]), ob[:, :-1]], dim=1).flip(1)
+    scan = partial(_chunked_scan, chunk_size=min(chunk_size, k.shape[1]))
+    o, final = _by_pattern(q, k, v, beta, g, state, causal=causal, cross=cross, scan=scan)
     return (scale * o).to(out_dtype), (final if output_final_state else None)
+
+
+def _chunk_aligned(cu_seqlens: Tensor, C: int) -> tuple[Tensor, Tensor, int]:
+    """Packed sequences laid out so that each starts a chunk: the slot of every packed token
+    ``[T]``, the chunk offsets of the sequences ``[N_seq + 1]`` (int32) and the padded length."""
+    bounds = cu_seqlens.tolist()
+    slots, offsets = [], [0]
+    for bos, eos in zip(bounds[:-1], bounds[1:]):
+        slots.append(torch.arange(eos - bos) + offsets[-1] * C)
+        offsets.append(offsets[-1] + -(-(eos - bos) // C))
+    device = cu_seqlens.device
+    return torch.cat(slots).to(device), torch.tensor(offsets, dtype=torch.int32, device=device), offsets[-1] * C
+
+
+def delta_rule_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    *,
+    g: Tensor | None = None,
+    causal: bool,
+    cross: bool = False,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`delta_rule` with the recurrence across chunks in Triton
+    (:func:`seqmix.kernels.delta_chunk.across_chunks`), the within-chunk parts as in
+    :func:`delta_rule_chunked`; a single causal token without gradients runs the fused step kernel.
+    Packed sequences (``cu_seqlens``) are laid out chunk-aligned (zero padding: no write, no decay)
+    and walked by the kernel per sequence. Inputs are not checked."""
+    from seqmix.kernels.delta_chunk import across_chunks
+
+    scale, out_dtype = resolve_scale(scale, q.shape[-1]), q.dtype
+    if causal and q.shape[1] == 1 and cu_seqlens is None and not needs_grad(q, k, v, beta, g, initial_state):
+        B, _, H, K = q.shape
+        S0 = initial_state if initial_state is not None else q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
+        o, final = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], S0, g=None if g is None else g[:, 0],
+                                   scale=scale, backend="triton")
+        return o[:, None], (final if output_final_state else None)
+    n_seq = None if cu_seqlens is None else cu_seqlens.numel() - 1
+    q, k, v, beta, g, state = _prepare(q, k, v, beta, g, initial_state, n_seq)
+    if cu_seqlens is None:
+        scan = partial(_chunked_scan, chunk_size=chunk_size, across=across_chunks)
+        o, final = _by_pattern(q, k, v, beta, g, state, causal=causal, cross=cross, scan=scan)
+    else:
+        slots, offsets, length = _chunk_aligned(cu_seqlens, chunk_size)
+
+        def aligned(x: Tensor) -> Tensor:
+            return x.new_zeros(1, length, *x.shape[2:]).index_copy(1, slots, x)
+
+        across = partial(across_chunks, chunk_offsets=offsets)
+        o, final = _chunked_scan(*map(aligned, (q, k, v, beta, g)), state, chunk_size, across=across)
+        o = o[:, slots]
+    return (scale * o).to(out_dtype), (final if output_final_state else None)
+
+
+def _each_sequence(
+    run: Callable[..., tuple[Tensor, Tensor | None]], q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
+    cu_seqlens: Tensor, *, initial_state: Tensor | None, output_final_state: bool, **kwargs,
+) -> tuple[Tensor, Tensor | None]:
+    """``run`` on each sequence packed by ``cu_seqlens``; outputs packed again, final states stacked."""
+    bounds = cu_seqlens.tolist()
+    outputs, finals = [], []
+    for n, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:])):
+        o, final = run(
+            q[:, bos:eos], k[:, bos:eos], v[:, bos:eos], beta[:, bos:eos], g=None if g is None else g[:, bos:eos],
+            initial_state=None if initial_state is None else initial_state[n : n + 1], output_final_state=True, **kwargs,
+        )
+        outputs.append(o)
+        finals.append(final)
+    return torch.cat(outputs, dim=1), (torch.cat(finals) if output_final_state else None)
 
 
 def delta_rule_step(
