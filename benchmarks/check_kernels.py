@@ -6,7 +6,7 @@ NaN; outputs, final state and the gradient of every input under a random cotange
 the chunked backend run on the same inputs upcast to float64. Bounds: bf16 rel err <= 1e-2, fp32
 <= 5e-3. Prints one row per check and exits 1 if any fails.
 
-    python benchmarks/check_kernels.py [--part quick|long|all] [--smoke]
+    python benchmarks/check_kernels.py [--part quick|long|all] [--smoke] [--only delta]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from seqmix.ops.delta import delta_rule_step
+from seqmix.ops.delta import delta_rule, delta_rule_step
 from seqmix.ops.gla import gated_linear_attention, gla_step
 from seqmix.patterns import Pattern
 
@@ -76,12 +76,34 @@ def _packed(make):
     return packed
 
 
+def _delta_inputs(gated: bool):
+    def make(B, T, S, H, K, V, gen):
+        g = F.logsigmoid(_randn(gen, B, S, H) + 3) if gated else None
+        return dict(q=_randn(gen, B, T, H, K), k=F.normalize(_randn(gen, B, S, H, K), dim=-1), v=_randn(gen, B, S, H, V),
+                    beta=torch.sigmoid(_randn(gen, B, S, H)), g=g, initial_state=_randn(gen, B, H, K, V))
+    return make
+
+
+def _delta_call(x, pattern, backend):
+    return delta_rule(
+        x["q"], x["k"], x["v"], x["beta"], g=x["g"], causal=pattern.causal, cross=pattern.cross,
+        initial_state=x["initial_state"], output_final_state=True, backend=backend, cu_seqlens=x.get("cu_seqlens"),
+    )
+
+
+DELTA_FAMILIES = [
+    Family("delta, no gate", _delta_inputs(False), _delta_call),
+    Family("delta, head gate", _delta_inputs(True), _delta_call),
+    Family("delta, head, packed", _packed(_delta_inputs(True)), _delta_call, (Pattern.CAUSAL_SELF,), packed=True),
+]
+
+
 FAMILIES = [
     Family("gla, no gate", _gla_inputs("none"), _gla_call),
     Family("gla, head gate", _gla_inputs("head"), _gla_call),
     Family("gla, chan. gate", _gla_inputs("channel"), _gla_call),
     Family("gla, head, packed", _packed(_gla_inputs("head")), _gla_call, (Pattern.CAUSAL_SELF,), packed=True),
-]
+] + DELTA_FAMILIES
 
 
 def poison(nbytes: list[int]) -> None:
@@ -142,6 +164,7 @@ def main() -> int:
     parser.add_argument("--part", choices=("quick", "long", "all"), default="all",
                         help="quick: the first shape in every pattern, and the steps; long: the longer shapes, causal")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
+    parser.add_argument("--only", default="", help="only the families and steps whose name starts with this, e.g. delta")
     args = parser.parse_args()
     dtypes = (torch.bfloat16, torch.float32)
     shapes = [(2, 1000, 16, 128), (3, 4097, 16, 64), (2, 8191, 16, 128)]
@@ -158,7 +181,7 @@ def main() -> int:
     header = f"{'family':<18} {'pat':>3} {'dtype':>8} {'B':>2} {'T':>5} {'H':>3} {'D':>4}  {'worst':>9} {'of':<15} {'ok':>4}"
     print(header)
     failed, seed = 0, 0
-    for family in FAMILIES:
+    for family in [f for f in FAMILIES if f.name.startswith(args.only)]:
         for shape_index, (B, T, H, D) in list(enumerate(shapes))[first:last]:
             patterns = family.patterns if shape_index == 0 else (Pattern.CAUSAL_SELF,)
             for pattern in patterns:
@@ -175,6 +198,8 @@ def main() -> int:
                           flush=True)
     if first == 0:
         for op, gate in [("gla_step", "none"), ("gla_step", "head"), ("gla_step", "channel"), ("delta_step", "none"), ("delta_step", "head")]:
+            if not op.startswith(args.only):
+                continue
             for dtype in dtypes:
                 seed += 1
                 B, H, D = (2, 2, 16) if args.smoke else (64, 16, 128)
