@@ -4,7 +4,7 @@ bf16, H=16, D=128, 65,536 tokens per step (B = 65,536 / T), fwd+bwd (and fwd alo
 ``triton.testing.do_bench``. Prints one table per length with each time and its ratio to the peer,
 and the efficiency length (the shortest T at which the per-head-gate kernel beats SDPA causal).
 
-    python benchmarks/bench_kernels.py [--lengths 2048 8192 32768] [--sweep] [--decoding] [--efficiency]
+    python benchmarks/bench_kernels.py [--lengths 2048 8192 32768] [--sweep] [--decoding] [--efficiency] [--delta]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import triton
 from triton.testing import do_bench
 
 from seqmix.kernels import gla_chunk
+from seqmix.ops.delta import delta_rule
 from seqmix.ops.gla import gated_linear_attention
 
 H, D, TOKENS = 16, 128, 65536
@@ -99,6 +100,56 @@ def table(lengths: list[int]) -> None:
         times = {}
         for name, fn, kind, peer in sorted(rows(fla), key=lambda r: r[3] is not None):  # peers first
             x = inputs(T, kind)
+            times[name] = (timed(fn, x, False), timed(fn, x, True))
+            del x
+            fwd, both = times[name]
+            ref = f"{times[peer][1]:8.3f} {both / times[peer][1]:6.2f}" if peer in times else ""
+            print(f"{name:<28} {T:>6} {fwd:8.3f} {both:8.3f} {ref}  (at {time.perf_counter() - START:.0f}s)", flush=True)
+
+
+def delta_inputs(T: int, gated: bool, seed: int = 0) -> dict[str, torch.Tensor | None]:
+    """bf16 q, L2-normalised k, v, beta in (0, 1) and (if gated) a log gate per head."""
+    x = inputs(T, "head" if gated else "none", seed)
+    x["k"] = F.normalize(x["k"].float(), dim=-1).to(torch.bfloat16)
+    x["beta"] = torch.sigmoid(torch.randn(*x["k"].shape[:3], device="cuda")).to(torch.bfloat16)
+    return x
+
+
+def delta_rows() -> list[tuple[str, Callable, bool, str | None]]:
+    """(name, function, gated, name of the peer row) for the delta rule; fla's chunk_gated_delta_rule
+    (and chunk_delta_rule) when installed, its Hopper guard lifted for timing."""
+    def ours(causal: bool) -> Callable:
+        def fn(x):
+            return delta_rule(x["q"], x["k"], x["v"], x["beta"], g=x["g"], causal=causal, backend="triton")[0]
+        return fn
+
+    out = [
+        ("delta, head gate, causal", ours(True), True, "fla chunk_gated_delta_rule"),
+        ("delta, no gate, causal", ours(True), False, "fla chunk_delta_rule"),
+        ("delta, head gate, noncausal", ours(False), True, None),
+    ]
+    if importlib.util.find_spec("fla") is not None:
+        from fla.ops.delta_rule import chunk_delta_rule
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        from seqmix.bench.profile import lift_fla_hopper_guard
+
+        lift_fla_hopper_guard()
+
+        out += [
+            ("fla chunk_gated_delta_rule", lambda x: chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"].float(), x["beta"])[0], True, None),
+            ("fla chunk_delta_rule", lambda x: chunk_delta_rule(x["q"], x["k"], x["v"], x["beta"])[0], False, None),
+        ]
+    return out
+
+
+def delta_table(lengths: list[int]) -> None:
+    """The delta rule's fwd and fwd+bwd times beside fla's (peers first), bf16, H=16, D=128."""
+    print(f"{'case':<28} {'T':>6} {'fwd ms':>8} {'fwd+bwd':>8} {'peer':>8} {'ratio':>6}")
+    for T in lengths:
+        times = {}
+        for name, fn, gated, peer in sorted(delta_rows(), key=lambda r: r[3] is not None):
+            x = delta_inputs(T, gated)
             times[name] = (timed(fn, x, False), timed(fn, x, True))
             del x
             fwd, both = times[name]
@@ -193,6 +244,7 @@ def main() -> None:
     parser.add_argument("--inspect", action="store_true", help="print the compiled kernels' resources and exit")
     parser.add_argument("--profile-step", action="store_true", help="run one fwd+bwd for ncu and exit")
     parser.add_argument("--decoding", action="store_true", help="also time the fused decoding step")
+    parser.add_argument("--delta", action="store_true", help="time the delta rule beside fla instead of GLA")
     args = parser.parse_args()
     if args.profile_step:
         return profile_step()
@@ -200,6 +252,8 @@ def main() -> None:
           f"fla {importlib.metadata.version('fla-core') if importlib.util.find_spec('fla') else 'absent'}")
     if args.inspect:
         return inspect()
+    if args.delta:
+        return delta_table(args.lengths)
     if args.sweep:
         sweep(8192)
     table(args.lengths)
