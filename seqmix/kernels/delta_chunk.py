@@ -33,8 +33,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_BV = 64  # state columns per program (32 for key dims above 128)
+# Launch shapes: state columns per program (halved for key dims above 128), warps, pipeline stages.
+FWD_BV, BWD_BV = 64, 32
 NUM_WARPS = 4
+FWD_STAGES, BWD_STAGES = 2, 1
 
 
 @triton.jit
@@ -134,10 +136,10 @@ def _bwd_kernel(
     _store(dh0, i_nh.to(tl.int64), K, V, ck, cv, b_dS)
 
 
-def _blocks(K: int, V: int) -> tuple[int, int]:
-    """``(BK, BV)``: all key rows, and a block of state columns."""
+def _blocks(K: int, V: int, max_bv: int) -> tuple[int, int]:
+    """``(BK, BV)``: all key rows, and a block of at most ``max_bv`` state columns (half above K = 128)."""
     BK = max(16, triton.next_power_of_2(K))
-    BV = min(max(16, triton.next_power_of_2(V)), MAX_BV if K <= 128 else MAX_BV // 2)
+    BV = min(max(16, triton.next_power_of_2(V)), max_bv if K <= 128 else max_bv // 2)
     return BK, BV
 
 
@@ -145,20 +147,22 @@ class AcrossChunksFunction(torch.autograd.Function):
     """Autograd wrapper of the two kernels; see :func:`across_chunks`."""
 
     @staticmethod
-    def forward(ctx, w, u0, e, gamma, h0, chunk_offsets):
+    def forward(ctx, w, u0, e, gamma, h0, chunk_offsets, dtype):
+        w, u0, e = (t.to(dtype).contiguous() for t in (w, u0, e))
         B, H, N, C, K = w.shape
         V = u0.shape[-1]
         n_seq = h0.shape[0]
-        BK, BV = _blocks(K, V)
+        BK, BV = _blocks(K, V, FWD_BV)
         states = torch.empty(B, H, N, K, V, dtype=torch.float32, device=w.device)
         u = torch.empty(B, H, N, C, V, dtype=torch.float32, device=w.device)
         ht = torch.empty(n_seq, H, K, V, dtype=torch.float32, device=w.device)
         _fwd_kernel[(triton.cdiv(V, BV), n_seq * H)](
             w, u0, e, gamma, h0, states, u, ht, chunk_offsets, N,
             H=H, K=K, V=V, C=C, BK=BK, BV=BV, IS_VARLEN=chunk_offsets is not None, num_warps=NUM_WARPS,
+            num_stages=FWD_STAGES,
         )
         ctx.save_for_backward(w, e, gamma, states, u, chunk_offsets)
-        ctx.h0_dtype, ctx.u0_dtype = h0.dtype, u0.dtype
+        ctx.h0_dtype = h0.dtype
         ctx.set_materialize_grads(False)
         return states, u, ht
 
@@ -168,7 +172,7 @@ class AcrossChunksFunction(torch.autograd.Function):
         B, H, N, C, K = w.shape
         V = u.shape[-1]
         n_seq = dht.shape[0] if dht is not None else (B if chunk_offsets is None else chunk_offsets.numel() - 1)
-        BK, BV = _blocks(K, V)
+        BK, BV = _blocks(K, V, BWD_BV)
         NV = triton.cdiv(V, BV)
         f32 = dict(dtype=torch.float32, device=w.device)
         dw, de = torch.empty(NV, B, H, N, C, K, **f32), torch.empty(NV, B, H, N, C, K, **f32)
@@ -180,23 +184,26 @@ class AcrossChunksFunction(torch.autograd.Function):
             w, e, gamma, states, u, dstates, du, dht, dw, du0, de, dgamma, dh0, chunk_offsets, N, B * H * N,
             H=H, K=K, V=V, C=C, BK=BK, BV=BV, HAS_DSTATES=dstates is not None, HAS_DU=du is not None,
             HAS_DHT=dht is not None, IS_VARLEN=chunk_offsets is not None, num_warps=NUM_WARPS,
+            num_stages=BWD_STAGES,
         )
-        return (dw.sum(0).to(w.dtype), du0.to(ctx.u0_dtype), de.sum(0).to(e.dtype), dgamma.sum(0).to(gamma.dtype),
-                dh0.to(ctx.h0_dtype), None)
+        return dw.sum(0), du0, de.sum(0), dgamma.sum(0), dh0.to(ctx.h0_dtype), None, None
 
 
 def across_chunks(
-    w: Tensor, u0: Tensor, e: Tensor, gamma: Tensor, initial_state: Tensor, chunk_offsets: Tensor | None = None
+    w: Tensor, u0: Tensor, e: Tensor, gamma: Tensor, initial_state: Tensor, chunk_offsets: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The recurrence across chunks (module docstring), differentiable in every tensor input.
 
     Args:
-        w, e: ``[B, H, N, C, K]``; u0: ``[B, H, N, C, V]``; gamma: chunk decays ``[B, H, N]``.
+        w, e: ``[B, H, N, C, K]``; u0: ``[B, H, N, C, V]``, float32; gamma: chunk decays ``[B, H, N]``, float32.
         initial_state: ``[N_seq, H, K, V]`` (``N_seq = B``, or the number of packed sequences).
         chunk_offsets: ``[N_seq + 1]`` int32 chunk offsets of packed sequences (``B = 1``), or ``None``.
+        dtype: operand dtype of the products (``W, U0, E`` are read in it, the state and ``U`` are
+            cast to it); accumulation, states and gradients stay float32.
 
     Returns the entering states ``[B, H, N, K, V]``, the pseudo-values ``U [B, H, N, C, V]`` and the
     final states ``[N_seq, H, K, V]``, all float32.
     """
-    w, u0, e, gamma, initial_state = (t.contiguous() for t in (w, u0, e, gamma, initial_state))
-    return AcrossChunksFunction.apply(w, u0, e, gamma, initial_state, chunk_offsets)
+    gamma, initial_state = gamma.contiguous(), initial_state.contiguous()
+    return AcrossChunksFunction.apply(w, u0, e, gamma, initial_state, chunk_offsets, dtype)

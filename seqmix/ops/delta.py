@@ -249,7 +249,7 @@ def _across_chunks(w: Tensor, u0: Tensor, k_to_end: Tensor, gamma: Tensor, state
 
 def _chunked_scan(
     q: Tensor | None, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, state: Tensor, chunk_size: int,
-    across: Callable[..., tuple[Tensor, Tensor, Tensor]] = _across_chunks,
+    across: Callable[..., tuple[Tensor, Tensor, Tensor]] = _across_chunks, product_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor | None, Tensor]:
     """The forward recurrence in chunks of C tokens; reads ``S_t^T q_t`` (inclusive) when q is given.
 
@@ -265,6 +265,7 @@ def _chunked_scan(
     Every exponent is ``<= 0``. Padded tokens (``beta = 0, g = 0``) leave the state unchanged.
     Only the state recurrence is sequential: ``across(w, u0, k_to_end, gamma, state)`` (the loop
     :func:`_across_chunks`, or the Triton kernel) gives every chunk's entering state and ``U``.
+    ``product_dtype`` (default: the state's) is the operand dtype of the queries' reads of them.
     """
     B, S, H, _ = k.shape
     V, C = v.shape[-1], chunk_size
@@ -272,7 +273,9 @@ def _chunked_scan(
     entering, U, state = across(parts.w, parts.u0, parts.k_to_end, parts.gamma, state)
     if q is None:
         return None, state
-    o = parts.q_from_start @ entering.to(parts.q_from_start.dtype) + parts.attn @ U.to(parts.attn.dtype)  # (B, H, N, C, V)
+    mm = product_dtype or state.dtype
+    o = parts.q_from_start.to(mm) @ entering.to(mm) + parts.attn.to(mm) @ U.to(mm)  # (B, H, N, C, V)
+    o = o.to(state.dtype)
     N = o.shape[2]
     return o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :S], state
 
@@ -360,7 +363,8 @@ def delta_rule_triton(
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`delta_rule` with the recurrence across chunks in Triton
     (:func:`seqmix.kernels.delta_chunk.across_chunks`), the within-chunk parts as in
-    :func:`delta_rule_chunked`; a single causal token without gradients runs the fused step kernel.
+    :func:`delta_rule_chunked` (float32); the products across chunks take q's dtype as operands,
+    float32 accumulation. A single causal token without gradients runs the fused step kernel.
     Packed sequences (``cu_seqlens``) are laid out chunk-aligned (zero padding: no write, no decay)
     and walked by the kernel per sequence. Inputs are not checked."""
     from seqmix.kernels.delta_chunk import across_chunks
@@ -375,7 +379,8 @@ def delta_rule_triton(
     n_seq = None if cu_seqlens is None else cu_seqlens.numel() - 1
     q, k, v, beta, g, state = _prepare(q, k, v, beta, g, initial_state, n_seq)
     if cu_seqlens is None:
-        scan = partial(_chunked_scan, chunk_size=chunk_size, across=across_chunks)
+        scan = partial(_chunked_scan, chunk_size=chunk_size, across=partial(across_chunks, dtype=out_dtype),
+                       product_dtype=out_dtype)
         o, final = _by_pattern(q, k, v, beta, g, state, causal=causal, cross=cross, scan=scan)
     else:
         slots, offsets, length = _chunk_aligned(cu_seqlens, chunk_size)
@@ -383,8 +388,8 @@ def delta_rule_triton(
         def aligned(x: Tensor) -> Tensor:
             return x.new_zeros(1, length, *x.shape[2:]).index_copy(1, slots, x)
 
-        across = partial(across_chunks, chunk_offsets=offsets)
-        o, final = _chunked_scan(*map(aligned, (q, k, v, beta, g)), state, chunk_size, across=across)
+        across = partial(across_chunks, chunk_offsets=offsets, dtype=out_dtype)
+        o, final = _chunked_scan(*map(aligned, (q, k, v, beta, g)), state, chunk_size, across=across, product_dtype=out_dtype)
         o = o[:, slots]
     return (scale * o).to(out_dtype), (final if output_final_state else None)
 
