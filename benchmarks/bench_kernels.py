@@ -55,9 +55,18 @@ def timed(fn: Callable, x: dict, backward: bool) -> float:
     return do_bench(step, warmup=25, rep=150, return_mode="median")
 
 
-def ours(causal: bool, chunk_size: int = 64) -> Callable:
+def ours(causal: bool, chunk_size: int = 64, walks: bool | None = None) -> Callable:
+    """The op on the triton backend; ``walks`` forces the walks (True) or the chunk-parallel form
+    (False) in place of the choice by sequences x heads (None)."""
     def fn(x):
-        return gated_linear_attention(x["q"], x["k"], x["v"], x["g"], causal=causal, backend="triton", chunk_size=chunk_size)[0]
+        target = gla_chunk.TARGET_PROGRAMS
+        if walks is not None:
+            gla_chunk.TARGET_PROGRAMS = 0 if walks else 2**31
+        try:
+            return gated_linear_attention(x["q"], x["k"], x["v"], x["g"], causal=causal, backend="triton",
+                                          chunk_size=chunk_size)[0]
+        finally:
+            gla_chunk.TARGET_PROGRAMS = target
     return fn
 
 
@@ -85,6 +94,8 @@ def peers() -> dict[str, Callable]:
 def rows(fla: dict[str, Callable]) -> list[tuple[str, Callable, str, str | None]]:
     out = [
         ("head gate, causal", ours(True), "head", "fla chunk_simple_gla"),
+        ("head gate, causal, walks", ours(True, walks=True), "head", "fla chunk_simple_gla"),
+        ("head gate, causal, chunk-par.", ours(True, walks=False), "head", "fla chunk_simple_gla"),
         ("channel gate, causal", ours(True), "channel", "fla chunk_gla"),
         ("no gate, noncausal self", ours(False), "none", None),
     ]
@@ -166,29 +177,40 @@ def efficiency_length() -> None:
         print(f"{T:>6} {a:8.3f} {b:8.3f}", flush=True)
 
 
-SWEEP = {  # module constant of gla_chunk -> values tried by --sweep, one at a time from the defaults
-    "FWD_BV": (32, 128), "FWD_WARPS": (8,), "FWD_STAGES": (1, 2),
-    "BWD_BK": (32,), "BWD_BV": (32, 128), "BWD_WARPS": (8,), "BWD_STAGES": (1, 3),
+SWEEP = {  # module constant of gla_chunk -> (values tried by --sweep, one at a time from the defaults; T)
+    # the walks (chosen at T = 8192: 128 sequences x heads)
+    "FWD_BV": ((32, 128), 8192), "FWD_WARPS": ((8,), 8192), "FWD_STAGES": ((1, 2), 8192),
+    "BWD_BK": ((32,), 8192), "BWD_BV": ((32, 128), 8192), "BWD_WARPS": ((8,), 8192), "BWD_STAGES": ((1, 3), 8192),
+    # the chunk-parallel form (chosen at T = 32768)
+    "STATE_BK": ((32,), 32768), "STATE_BV": ((32,), 32768), "STATE_WARPS": ((8,), 32768),
+    "STATE_STAGES": ((1, 3), 32768), "OUT_BV": ((32, 128), 32768), "PAR_BK": ((32,), 32768),
+    "PAR_BV": ((32,), 32768), "PAR_WARPS": ((8,), 32768), "PAR_STAGES": ((1, 3), 32768),
 }
 
 
-def sweep(T: int) -> None:
-    """Times the head-gate kernel at one length: the defaults, each constant of SWEEP varied
-    alone, and chunk size 128 with 4 and 8 warps."""
-    x = inputs(T, "head")
-    print(f"{'variant':<24} {'fwd':>7} {'fwd+bwd':>8}")
-    print(f"{'defaults':<24} {timed(ours(True), x, False):7.3f} {timed(ours(True), x, True):8.3f}", flush=True)
-    for name, values in SWEEP.items():
-        default = getattr(gla_chunk, name)
-        for value in values:
-            setattr(gla_chunk, name, value)
-            print(f"{name + ' ' + str(value):<24} {timed(ours(True), x, False):7.3f} {timed(ours(True), x, True):8.3f}", flush=True)
-        setattr(gla_chunk, name, default)
-    warps = gla_chunk.FWD_WARPS, gla_chunk.BWD_WARPS
-    for w in (4, 8):
-        gla_chunk.FWD_WARPS = gla_chunk.BWD_WARPS = w
-        print(f"{'chunk 128, warps ' + str(w):<24} {timed(ours(True, 128), x, False):7.3f} {timed(ours(True, 128), x, True):8.3f}", flush=True)
-    gla_chunk.FWD_WARPS, gla_chunk.BWD_WARPS = warps
+def sweep() -> None:
+    """Times the head-gate kernel: the defaults, each constant of SWEEP varied alone at its length,
+    and chunk size 128 with 4 and 8 warps."""
+    print(f"{'variant':<24} {'T':>6} {'fwd':>7} {'fwd+bwd':>8}")
+    for T in sorted({T for _, T in SWEEP.values()}):
+        x = inputs(T, "head")
+        print(f"{'defaults':<24} {T:>6} {timed(ours(True), x, False):7.3f} {timed(ours(True), x, True):8.3f}", flush=True)
+        for name, (values, at) in SWEEP.items():
+            if at != T:
+                continue
+            default = getattr(gla_chunk, name)
+            for value in values:
+                setattr(gla_chunk, name, value)
+                print(f"{name + ' ' + str(value):<24} {T:>6} {timed(ours(True), x, False):7.3f} "
+                      f"{timed(ours(True), x, True):8.3f}", flush=True)
+            setattr(gla_chunk, name, default)
+        warps = gla_chunk.FWD_WARPS, gla_chunk.BWD_WARPS, gla_chunk.PAR_WARPS
+        for w in (4, 8):
+            gla_chunk.FWD_WARPS = gla_chunk.BWD_WARPS = gla_chunk.PAR_WARPS = w
+            print(f"{'chunk 128, warps ' + str(w):<24} {T:>6} {timed(ours(True, 128), x, False):7.3f} "
+                  f"{timed(ours(True, 128), x, True):8.3f}", flush=True)
+        gla_chunk.FWD_WARPS, gla_chunk.BWD_WARPS, gla_chunk.PAR_WARPS = warps
+        del x
 
 
 def decoding() -> None:
@@ -212,9 +234,11 @@ def decoding() -> None:
 
 def inspect() -> None:
     """Registers, spills, shared memory and the kind of matrix instruction of each compiled kernel."""
-    x = inputs(8192, "head")
-    timed(ours(True), x, True)
-    for fn in (gla_chunk._fwd_kernel, gla_chunk._bwd_kernel, gla_chunk._gate_grad_kernel):
+    for T, kind in ((8192, "head"), (32768, "head"), (8192, "channel")):
+        timed(ours(True), inputs(T, kind), True)
+    kernels = (gla_chunk._fwd_kernel, gla_chunk._bwd_kernel, gla_chunk._gate_grad_kernel, gla_chunk._states_kernel,
+               gla_chunk._output_kernel, gla_chunk._chunk_bwd_kernel)
+    for fn in kernels:
         for cache in fn.device_caches.values():
             for kernel in cache[0].values():
                 ptx = kernel.asm.get("ptx", "")
@@ -239,7 +263,7 @@ def timed_once(fn: Callable, x: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 2048, 32768])
-    parser.add_argument("--sweep", action="store_true", help="time launch configurations at T=8192 first")
+    parser.add_argument("--sweep", action="store_true", help="time launch configurations first (T=8192, 32768)")
     parser.add_argument("--efficiency", action="store_true", help="also find the efficiency length against SDPA")
     parser.add_argument("--inspect", action="store_true", help="print the compiled kernels' resources and exit")
     parser.add_argument("--profile-step", action="store_true", help="run one fwd+bwd for ncu and exit")
@@ -255,7 +279,7 @@ def main() -> None:
     if args.delta:
         return delta_table(args.lengths)
     if args.sweep:
-        sweep(8192)
+        sweep()
     table(args.lengths)
     if args.decoding:
         decoding()

@@ -4,7 +4,8 @@ For each family, pattern, shape and dtype: fresh random inputs; the allocator's 
 filled with NaN before the Triton run, so that an output element the kernels never write shows as
 NaN; outputs, final state and the gradient of every input under a random cotangent are compared to
 the chunked backend run on the same inputs upcast to float64. Bounds: bf16 rel err <= 1e-2, fp32
-<= 5e-3. Prints one row per check and exits 1 if any fails.
+<= 5e-3. Prints one row per check and exits 1 if any fails. GLA at these shapes (batch x heads below
+``gla_chunk.TARGET_PROGRAMS``) runs the chunk-parallel form; the "walks" families force the walks.
 
     python benchmarks/check_kernels.py [--part quick|long|all] [--smoke] [--only delta]
 """
@@ -21,6 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from seqmix.kernels import gla_chunk
 from seqmix.ops.delta import delta_rule, delta_rule_step
 from seqmix.ops.gla import gated_linear_attention, gla_step
 from seqmix.patterns import Pattern
@@ -65,6 +67,17 @@ def _gla_call(x, pattern, backend):
     )
 
 
+def _walks(call):
+    """``call`` with the walks forced (one program per sequence and head), whatever the shape."""
+    def walks(x, pattern, backend):
+        target, gla_chunk.TARGET_PROGRAMS = gla_chunk.TARGET_PROGRAMS, 1
+        try:
+            return call(x, pattern, backend)
+        finally:
+            gla_chunk.TARGET_PROGRAMS = target
+    return walks
+
+
 def _packed(make):
     """The family's inputs for B sequences of lengths near T, packed into a batch of one."""
     def packed(B, T, S, H, K, V, gen):
@@ -103,6 +116,9 @@ FAMILIES = [
     Family("gla, head gate", _gla_inputs("head"), _gla_call),
     Family("gla, chan. gate", _gla_inputs("channel"), _gla_call),
     Family("gla, head, packed", _packed(_gla_inputs("head")), _gla_call, (Pattern.CAUSAL_SELF,), packed=True),
+    Family("gla, none, walks", _gla_inputs("none"), _walks(_gla_call)),
+    Family("gla, head, walks", _gla_inputs("head"), _walks(_gla_call)),
+    Family("gla, packed, walks", _packed(_gla_inputs("head")), _walks(_gla_call), (Pattern.CAUSAL_SELF,), packed=True),
 ] + DELTA_FAMILIES
 
 

@@ -16,27 +16,32 @@ gate's cumsum inside the chunk and ``c_L`` its total. Every exponent below is ``
     S' = diag(exp(c_L)) S + (k * exp(c_L - c))^T v
 
 ``A`` is ``(q k^T) * exp(c_i - c_j)`` for a per-head gate; for a per-channel gate it is built one
-key at a time. One program owns a block of state columns and walks the chunks of a segment in
-order, keeping ``S`` in registers. The backward runs three kinds of programs in one launch: ``dq``
-walks forward recomputing ``S`` (a block of its rows); ``dk`` and ``dv`` walk backward carrying
-``dS`` (a block of its rows, resp. columns)::
+key at a time. Two forms share these formulas:
+
+- the walks: one program per sequence, head and block of state columns walks the chunks in
+  order, keeping ``S`` in registers (no state goes to memory). The backward runs three kinds of
+  programs in one launch: ``dq`` walks forward recomputing ``S`` (a block of its rows); ``dk`` and
+  ``dv`` walk backward carrying ``dS`` (a block of its rows, resp. columns)::
 
     dS <- diag(exp(c_L)) dS + scale * (q * exp(c))^T do            (dS at the end = grad of final state)
     dq  = scale * [ (do S^T) * exp(c) + sum_j (do_i . v_j) k_j exp(c_i - c_j) [j <= i] ]
     dk  = (v dS^T) * exp(c_L - c) + scale * sum_i (do_i . v_j) q_i exp(c_i - c_j) [j <= i]
     dv  = (k * exp(c_L - c)) dS + scale * A^T do
 
-Long sequences are cut into segments so that every multiprocessor has work: the state each
-segment leaves (``sum_t exp(G_end - G_t) k_t v_t^T``) and the state gradient each one passes back
-(``scale * sum_t exp(G_t - G_start) q_t do_t^T``) are plain weighted sums computed in parallel,
-then chained per sequence by a short scan; the chunk walks then start from those states.
+- the chunk-parallel form, when sequences x heads are too few to fill the GPU
+  (``TARGET_PROGRAMS``): one pass per sequence walks only the inter-chunk recurrence and writes
+  the state before every chunk (float32, ``[chunks, H, K, V]``); then one program per chunk, head
+  and block of columns computes its outputs. The backward likewise: one reverse pass writes the
+  gradient of the state after every chunk, then every chunk computes dq, dk, dv and dg at once.
 
 The gate's gradient follows from the cumulative gate ``G``: outputs depend on it through
 ``exp(G_i - G_j)``, so ``dL/dG_t = q_t * dq_t - k_t * dk_t`` (summed over channels for a per-head
-gate; ``+ <dS_T, S_T>`` at the last token), and ``dg`` is its suffix sum (an exclusive prefix sum
-for the anticausal pass). These sums run over whole sequences, so the state reads and updates
-that feed them keep about 16 bits: a float32 operand of a bf16/fp16 product is split into a high
-and a low part (float32 inputs use ``tf32x3``).
+gate; ``+ <dS_T, S_T>`` at the last token), and ``dg`` is its suffix sum. The walks sum over whole
+sequences (an exclusive prefix sum for the anticausal pass), so the state reads and updates that
+feed it keep about 16 bits: a float32 operand of a bf16/fp16 product is split into a high and a low
+part (float32 inputs use ``tf32x3``). The chunk-parallel form sums only inside each chunk: the
+rest of the suffix is ``<dS', S'>``, the gradient of the state after the chunk with that state
+(summed over columns), so rounding errors do not add up along the sequence.
 
 Layout ``[B, T, H, D]`` as the ops; ``cu_seqlens [N + 1]`` packs ``N`` sequences into ``B = 1``.
 """
@@ -44,18 +49,25 @@ Layout ``[B, T, H, D]`` as the ops; ``cu_seqlens [N + 1]`` packs ``N`` sequences
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
 # Launch shapes. The chunk length is the op's chunk_size (16 for per-channel gates).
-FWD_BV = 64  # state columns per forward program
-BWD_BK = 64  # state rows per dq / dk program
-BWD_BV = 64  # state columns per dv program
-STATE_B = 64  # tile of the parallel state sums
+FWD_BV = 64  # state columns per forward walk
+BWD_BK = 64  # state rows per dq / dk walk
+BWD_BV = 64  # state columns per dv walk
 FWD_WARPS, FWD_STAGES = 4, 3
 BWD_WARPS, BWD_STAGES = 4, 2
-TARGET_PROGRAMS = 512  # sequences x heads below which sequences are cut into segments
+# sequences x heads below which the chunk-parallel form replaces the walks: the forward walks are
+# 2 per sequence and head (D = 128), two fit on a multiprocessor, an H100 has 132
+TARGET_PROGRAMS = 128
+STATE_BK, STATE_BV = 64, 64  # state tile per program of the inter-chunk passes
+STATE_WARPS, STATE_STAGES = 4, 2
+OUT_BV = 64  # columns per output program
+PAR_BK, PAR_BV = 64, 64  # state rows per dq / dk program, columns per dv program (and step of their loops)
+PAR_WARPS, PAR_STAGES = 4, 2
 CHANNEL_CHUNK = 16
 
 
@@ -286,95 +298,6 @@ def _fwd_kernel(
         tl.store(ht + state_offs, b_S, mask=state_mask)
 
 
-@triton.jit
-def _state_kernel(
-    x, y, g, out, cu_seqlens, scale, T,
-    H: tl.constexpr, DX: tl.constexpr, DY: tl.constexpr, BT: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr,
-    GATE: tl.constexpr, FROM_START: tl.constexpr, IS_VARLEN: tl.constexpr,
-):
-    """``out[n, h] = scale * sum_t x_t^T y_t w_t`` over sequence (segment) ``n``, ``x`` weighed per
-    row (per channel: per element) by ``w_t = exp(G_t - G_start)`` (gates up to and including
-    ``t``) if ``FROM_START``, else ``exp(G_end - G_t)`` (gates after ``t``)."""
-    i_nh, i_x, i_y = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
-    cx = i_x * BX + tl.arange(0, BX)
-    cy = i_y * BY + tl.arange(0, BY)
-    acc = tl.zeros([BX, BY], dtype=tl.float32)
-    if GATE == 2:
-        carry = tl.zeros([BX], dtype=tl.float32)
-    else:
-        carry = tl.zeros([1], dtype=tl.float32)
-    NT = tl.cdiv(Tn, BT)
-    for i in range(NT):
-        if FROM_START:
-            i_c = i
-        else:
-            i_c = NT - 1 - i
-        t, valid = _chunk_rows(i_c, Tn, BT, False)
-        rows = bos + t
-        b_x = _tile(x + i_h * DX, rows, valid, cx, DX, H * DX)
-        b_y = _tile(y + i_h * DY, rows, valid, cy, DY, H * DY)
-        b_g = _gate(g, bos, t, valid, Tn, i_h, cx, H, DX, BT, GATE, False)
-        if GATE == 2:
-            if FROM_START:
-                w = carry[None, :] + tl.cumsum(b_g, 0)
-            else:
-                w = carry[None, :] + tl.sum(b_g, 0)[None, :] - tl.cumsum(b_g, 0)
-        else:
-            if FROM_START:
-                w = carry + tl.cumsum(b_g, 0)
-            else:
-                w = carry + tl.sum(b_g, 0) - tl.cumsum(b_g, 0)
-        carry += tl.sum(b_g, 0)
-        acc += _dot_split(tl.trans(_rows_times(scale * b_x.to(tl.float32), tl.exp(w), GATE)), b_y, True)
-    p = out + i_nh.to(tl.int64) * DX * DY + cx[:, None] * DY + cy[None, :]
-    tl.store(p, acc, mask=(cx < DX)[:, None] & (cy < DY)[None, :])
-
-
-@triton.jit
-def _chain_kernel(
-    local, g, s0, start, final, cu_seg, seg_first,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE: tl.constexpr, HAS_LOCAL: tl.constexpr, HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr,
-):
-    """Chains segment states per sequence ``n``: ``S = s0[n]`` (or 0); over its segments (last first
-    if ``REVERSE``): ``start[seg] = S; S = diag(exp(G_seg)) S + local[seg]``; ``final[n] = S``."""
-    i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
-    ck = i_k * BK + tl.arange(0, BK)
-    cv = i_v * BV + tl.arange(0, BV)
-    mask = (ck < K)[:, None] & (cv < V)[None, :]
-    offs = i_h * K * V + ck[:, None] * V + cv[None, :]
-    b_S = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_S0:
-        b_S += tl.load(s0 + i_n.to(tl.int64) * H * K * V + offs, mask=mask, other=0.0).to(tl.float32)
-    first = tl.load(seg_first + i_n)
-    count = tl.load(seg_first + i_n + 1) - first
-    for i in range(count):
-        if REVERSE:
-            seg = first + count - 1 - i
-        else:
-            seg = first + i
-        bos, Tn = _sequence(seg, cu_seg, 0, True)
-        if GATE == 2:
-            b_gs = tl.zeros([BK], dtype=tl.float32)
-        else:
-            b_gs = tl.zeros([1], dtype=tl.float32)
-        for i_c in range(tl.cdiv(Tn, BT)):
-            t, valid = _chunk_rows(i_c, Tn, BT, False)
-            b_gs += tl.sum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, GATE, False), 0)
-        p = seg.to(tl.int64) * H * K * V + offs
-        tl.store(start + p, b_S, mask=mask)
-        if GATE == 2:
-            b_S = b_S * tl.exp(b_gs)[:, None]
-        else:
-            b_S = b_S * tl.exp(b_gs)[:, None]
-        if HAS_LOCAL:
-            b_S += tl.load(local + p, mask=mask, other=0.0)
-    if STORE_FINAL:
-        tl.store(final + i_n.to(tl.int64) * H * K * V + offs, b_S, mask=mask)
-
 
 @triton.jit
 def _read_kernel(
@@ -600,6 +523,218 @@ def _gate_grad_kernel(
         _store(dg + i_h * KG, y, rows, valid, cg, KG, H * KG)
 
 
+# ----------------------------------------------------------------------------- chunk-parallel form
+
+
+@triton.jit
+def _chunk_of(i_t, chunk_first, chunk_seq):
+    """Sequence ``i_n`` of global chunk ``i_t`` and its index ``i_c`` in that sequence."""
+    i_n = tl.load(chunk_seq + i_t)
+    return i_n, i_t - tl.load(chunk_first + i_n)
+
+
+@triton.jit
+def _state_tile(p, i_t, i_h, rows, cols, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """Rows ``rows`` and columns ``cols`` of the float32 state ``p[i_t, i_h]`` of a ``[C, H, K, V]`` tensor."""
+    at = (i_t.to(tl.int64) * H + i_h) * K * V + rows[:, None] * V + cols[None, :]
+    return tl.load(p + at, mask=(rows < K)[:, None] & (cols < V)[None, :], other=0.0)
+
+
+@triton.jit
+def _states_kernel(
+    x, y, g, s0, states, final, fwd_states, fwd_final, term, chunk_first, cu_seqlens, scale, T, C,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE: tl.constexpr, HAS_X: tl.constexpr, HAS_S0: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr,
+    TERM: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """The inter-chunk recurrence of sequence ``i_n``, rows ``i_k`` and columns ``i_v`` of the state.
+
+    Walks the chunks (last first if ``REVERSE``) from ``S = s0`` (or 0); at each chunk stores
+    ``states[chunk] = S`` (if ``STORE_STATES``), then ``S <- diag(exp(c_L)) S + scale * (x * w)^T y`` with
+    ``w = exp(c_L - c)`` (forward: the state before each chunk) or ``w = exp(c)`` (``REVERSE``: the
+    gradient of the state after each chunk, ``x, y = q, do``); ``final[i_n] = S``. ``TERM`` also
+    stores ``term[i_v, chunk] = sum_v S * S_after`` per state row, ``S_after`` being the forward
+    state after the chunk (``fwd_states[chunk + 1]``, or ``fwd_final`` for the last chunk)."""
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
+    first = tl.load(chunk_first + i_n).to(tl.int64)
+    ck = i_k * BK + tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    mask = (ck < K)[:, None] & (cv < V)[None, :]
+    offs = ck[:, None] * V + cv[None, :]
+    b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_S0:
+        b_S += tl.load(s0 + i_nh.to(tl.int64) * K * V + offs, mask=mask, other=0.0).to(tl.float32)
+    NT = tl.cdiv(Tn, BT)
+    for i in range(NT):
+        if REVERSE:
+            i_c = NT - 1 - i
+        else:
+            i_c = i
+        t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
+        rows = bos + t
+        b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, GATE, ANTI)
+        b_c = tl.cumsum(b_g, 0)
+        b_cl = tl.sum(b_g, 0)
+        at = ((first + i_c) * H + i_h) * K * V + offs
+        if STORE_STATES:
+            tl.store(states + at, b_S, mask=mask)
+        if TERM:
+            has_next = (tl.zeros([BK, BV], dtype=tl.int32) + i_c + 1) < NT
+            b_after = tl.load(fwd_states + at + H * K * V, mask=mask & has_next, other=0.0)
+            b_after += tl.load(fwd_final + i_nh.to(tl.int64) * K * V + offs, mask=mask & ~has_next, other=0.0)
+            tl.store(term + ((i_v * C + first + i_c) * H + i_h) * K + ck, tl.sum(b_S * b_after, 1), mask=ck < K)
+        b_S = _decayed(b_S, b_cl, GATE)
+        if HAS_X:
+            if REVERSE:
+                b_w = b_c
+            else:
+                b_w = _to_end(b_c, b_cl, GATE)
+            b_x = _rows_times(scale * _tile(x + i_h * K, rows, valid, ck, K, H * K).to(tl.float32), tl.exp(b_w), GATE)
+            b_S += _dot_split(tl.trans(b_x), _tile(y + i_h * V, rows, valid, cv, V, H * V), True)
+    tl.store(final + i_nh.to(tl.int64) * K * V + offs, b_S, mask=mask)
+
+
+@triton.jit
+def _output_kernel(
+    q, k, v, g, states, o, chunk_first, chunk_seq, cu_seqlens, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """``o = scale * [(q * exp(c)) S + A v]`` for chunk ``i_t``, head ``i_h``, columns ``i_v``;
+    ``S`` is the state before the chunk."""
+    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
+    bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
+    t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
+    rows = bos + t
+    dt = k.dtype.element_ty
+    ck = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
+    b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K)
+    b_v = _tile(v + i_h * V, rows, valid, cv, V, H * V)
+    b_c = tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, GATE, ANTI), 0)
+    b_S = _state_tile(states, i_t, i_h, ck, cv, H, K, V)
+    b_A = _scores(b_q, b_k, b_c, BT, GATE, ANTI)
+    b_o = _dot(_rows_times(b_q, tl.exp(b_c), GATE).to(dt), b_S.to(dt)) + _dot(b_A.to(dt), b_v)
+    _store(o + i_h * V, scale * b_o, rows, valid, cv, V, H * V)
+
+
+@triton.jit
+def _gate_rows(dG, x, term, i_t, i_h, rows, t, valid, Tn, ck, C, H: tl.constexpr, K: tl.constexpr,
+               NTERM: tl.constexpr, GATE: tl.constexpr, ANTI: tl.constexpr):
+    """Stores the gradient of the gate each row read: the suffix sum over the chunk of
+    ``x = q * dq - k * dk`` (``[BT, BK]``; summed over channels for a per-head gate) plus the chunk's
+    ``<dS_after, S_after>`` (the ``NTERM`` slots of ``term``). The anticausal pass read ``g_{t+1}``."""
+    b_term = tl.zeros([x.shape[1]], dtype=tl.float32)
+    for s in tl.static_range(NTERM):
+        b_term += tl.load(term + ((s * C + i_t.to(tl.int64)) * H + i_h) * K + ck, mask=ck < K, other=0.0)
+    if GATE == 1:
+        x = tl.sum(x, 1)
+        b_term = tl.sum(b_term, 0)
+    y = b_term + tl.sum(x, 0) - tl.cumsum(x, 0) + x
+    if ANTI:
+        rows = rows + 1
+        valid = valid & (t + 1 < Tn)
+    if GATE == 1:
+        tl.store(dG + rows * H + i_h, y, mask=valid)
+    else:
+        _store(dG + i_h * K, y, rows, valid, ck, K, H * K)
+
+
+@triton.jit
+def _chunk_dqk(
+    q, k, v, g, states, dstates, term, do, dq, dk, dG, scale, bos, Tn, i_t, i_h, t, valid, i_k, C, TG,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NTERM: tl.constexpr, GATE: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr,
+):
+    """dq, dk (and the gate's gradient) of one chunk for state rows ``i_k``::
+
+        dq = scale * [(do S^T) * exp(c) + (dA * D) k],  dk = (v dS'^T) * exp(c_L - c) + scale * (dA * D)^T q
+
+    with ``dA = do v^T``, ``D_ij = exp(c_i - c_j) [j <= i]``, ``S`` / ``dS'`` the state before / the
+    gradient of the state after the chunk."""
+    dt = k.dtype.element_ty
+    rows = bos + t
+    ck = i_k * BK + tl.arange(0, BK)
+    b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K)
+    b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, GATE, ANTI)
+    b_c = tl.cumsum(b_g, 0)
+    b_cl = tl.sum(b_g, 0)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        cv = i_v * BV + tl.arange(0, BV)
+        b_v = _tile(v + i_h * V, rows, valid, cv, V, H * V)
+        b_dk += _dot_split(b_v, tl.trans(_state_tile(dstates, i_t, i_h, ck, cv, H, K, V)), False)
+        if HAS_Q:
+            b_do = _tile(do + i_h * V, rows, valid, cv, V, H * V)
+            b_dq += _dot_split(b_do, tl.trans(_state_tile(states, i_t, i_h, ck, cv, H, K, V)), False)
+            b_dA += _dot(b_do, tl.trans(b_v))
+    b_dk = _rows_times(b_dk, tl.exp(_to_end(b_c, b_cl, GATE)), GATE)
+    b_x = tl.zeros([BT, BK], dtype=tl.float32)
+    if HAS_Q:
+        b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
+        b_dA = (scale * b_dA * _head_decay(b_c, BT, ANTI)).to(dt)
+        b_dq = scale * _rows_times(b_dq, tl.exp(b_c), GATE) + _dot(b_dA, b_k)
+        b_dk += _dot(tl.trans(b_dA), b_q)
+        _store(dq + i_h * K, b_dq, rows, valid, ck, K, H * K)
+        b_x = b_q.to(tl.float32) * b_dq
+    _store(dk + i_h * K, b_dk, rows, valid, ck, K, H * K)
+    if GATE:
+        b_x -= b_k.to(tl.float32) * b_dk
+        if GATE == 1:
+            dG += i_k * TG
+        _gate_rows(dG, b_x, term, i_t, i_h, rows, t, valid, Tn, ck, C, H, K, NTERM, GATE, ANTI)
+
+
+@triton.jit
+def _chunk_dv(
+    q, k, g, dstates, do, dv, scale, bos, Tn, i_t, i_h, t, valid, i_v,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr,
+):
+    """dv of one chunk for columns ``i_v``: ``dv = (k * exp(c_L - c)) dS' + scale * A^T do``."""
+    dt = k.dtype.element_ty
+    rows = bos + t
+    ck = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K)
+    b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, GATE, ANTI)
+    b_c = tl.cumsum(b_g, 0)
+    b_kd = _rows_times(b_k, tl.exp(_to_end(b_c, tl.sum(b_g, 0), GATE)), GATE)
+    b_dv = _dot(b_kd.to(dt), _state_tile(dstates, i_t, i_h, ck, cv, H, K, V).to(dt))
+    if HAS_Q:
+        b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
+        b_do = _tile(do + i_h * V, rows, valid, cv, V, H * V)
+        b_dv += scale * _dot(tl.trans(_scores(b_q, b_k, b_c, BT, GATE, ANTI)).to(dt), b_do)
+    _store(dv + i_h * V, b_dv, rows, valid, cv, V, H * V)
+
+
+@triton.jit
+def _chunk_bwd_kernel(
+    q, k, v, g, states, dstates, term, do, dq, dk, dv, dG, chunk_first, chunk_seq, cu_seqlens, scale, T, C, TG,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BKF: tl.constexpr, BVF: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, NTERM: tl.constexpr,
+    GATE: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """Programs ``[0, NK)`` of chunk ``i_t`` compute dq and dk (and the gate's gradient, into dG slot
+    ``i_k`` for a per-head gate) for a block of state rows, the rest dv for a block of columns."""
+    role, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
+    bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
+    t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
+    if role < NK:
+        _chunk_dqk(q, k, v, g, states, dstates, term, do, dq, dk, dG, scale, bos, Tn, i_t, i_h, t, valid, role, C, TG,
+                   H, K, V, BT, BK, BV, NTERM, GATE, HAS_Q, ANTI)
+    else:
+        _chunk_dv(q, k, g, dstates, do, dv, scale, bos, Tn, i_t, i_h, t, valid, role - NK,
+                  H, K, V, BT, BKF, BV, GATE, HAS_Q, ANTI)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -607,74 +742,143 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-class _Plan:
-    """How a call walks its sequences: ``N`` sequences of rows ``[bos, bos + len)``, cut into
-    ``S`` segments when too few sequences x heads would leave multiprocessors idle."""
-
-    def __init__(self, k: Tensor, cu_seqlens: Tensor | None, chunk: int, segment: bool):
-        B, T, H = k.shape[:3]
-        self.rows, self.H = B * T, H
-        self.cu_seqlens = cu_seqlens
-        self.N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        self.T = T if cu_seqlens is None else 0  # the kernels' T: the common length, unused with offsets
-        self.cu_seg = self.seg_first = None
-        if not segment or self.N * H >= TARGET_PROGRAMS:
-            return
-        lengths = [T] * B if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        pieces = -(-TARGET_PROGRAMS // (self.N * H))
-        size = max(4 * chunk, -(-max(lengths) // pieces // chunk) * chunk)
-        if size >= max(lengths):
-            return
-        bounds, first, bos = [], [0], 0
-        for n in lengths:
-            bounds += range(bos, bos + n, size)
-            bos += n
-            first.append(len(bounds))
-        device = k.device
-        self.cu_seg = torch.tensor(bounds + [bos], dtype=torch.int32, device=device)
-        self.seg_first = torch.tensor(first, dtype=torch.int32, device=device)
-
-    @property
-    def segmented(self) -> bool:
-        return self.cu_seg is not None
-
-    @property
-    def walks(self) -> tuple[int, Tensor | None, int]:
-        """(programs per head, offsets, T) of the chunk walks: segments, or whole sequences."""
-        if self.segmented:
-            return self.cu_seg.numel() - 1, self.cu_seg, 0
-        return self.N, self.cu_seqlens, self.T
-
-
 def _gate_kind(g: Tensor | None) -> int:
     return 0 if g is None else (1 if g.dim() == 3 else 2)
 
 
-def _state_sums(x, y, g, gate, walks, scale, from_start, H):
-    """``_state_kernel`` over every walk: ``[walks, H, DX, DY]`` float32."""
-    n, cu, T = walks
-    DX, DY = x.shape[-1], y.shape[-1]
-    BX, BY = min(_pow2(DX), STATE_B), min(_pow2(DY), STATE_B)
-    out = torch.empty(n, H, DX, DY, dtype=torch.float32, device=x.device)
-    _state_kernel[(n * H, triton.cdiv(DX, BX), triton.cdiv(DY, BY))](
-        x, y, g, out, cu, scale, T, H=H, DX=DX, DY=DY, BT=16 if gate == 2 else 64, BX=BX, BY=BY,
-        GATE=gate, FROM_START=from_start, IS_VARLEN=cu is not None,
-    )
-    return out
+class _Chunks:
+    """The chunks of ``N`` sequences: ``first [N + 1]`` (global index of each sequence's first chunk),
+    ``seq [count]`` (sequence of each chunk); ``T`` is the kernels' common length (0 with offsets)."""
+
+    def __init__(self, k: Tensor, cu_seqlens: Tensor | None, chunk: int):
+        B, T = k.shape[:2]
+        device = k.device
+        self.cu_seqlens = cu_seqlens
+        if cu_seqlens is None:
+            self.N, self.T = B, T
+            per_seq = torch.full((B,), triton.cdiv(T, chunk), device=device, dtype=torch.int32)
+            self.count = B * triton.cdiv(T, chunk)
+        else:
+            self.N, self.T = cu_seqlens.numel() - 1, 0
+            per_seq = (cu_seqlens[1:] - cu_seqlens[:-1] + chunk - 1) // chunk
+            self.count = int(per_seq.sum())
+        self.first = F.pad(per_seq.cumsum(0), (1, 0)).to(torch.int32)
+        self.seq = torch.repeat_interleave(torch.arange(self.N, device=device, dtype=torch.int32), per_seq,
+                                           output_size=self.count)
 
 
-def _chain(plan: _Plan, local, g, gate, s0, reverse: bool, K: int, V: int, store_final: bool):
-    """``_chain_kernel``: ``(start [segments, H, K, V], final [N, H, K, V] or None)``."""
-    H = plan.H
-    BK, BV = min(_pow2(K), STATE_B), min(_pow2(V), STATE_B)
-    n_seg = plan.cu_seg.numel() - 1
-    start = torch.empty(n_seg, H, K, V, dtype=torch.float32, device=g.device if g is not None else plan.cu_seg.device)
-    final = torch.empty(plan.N, H, K, V, dtype=torch.float32, device=start.device) if store_final else None
-    _chain_kernel[(plan.N * H, triton.cdiv(K, BK), triton.cdiv(V, BV))](
-        local, g, s0, start, final, plan.cu_seg, plan.seg_first, H=H, K=K, V=V, BT=64, BK=BK, BV=BV, GATE=gate,
-        HAS_LOCAL=local is not None, HAS_S0=s0 is not None, STORE_FINAL=store_final, REVERSE=reverse,
+def _states(x, y, g, s0, chunks: _Chunks, dims: tuple[int, int, int], scale: float, anticausal: bool, BT: int,
+            store_states: bool = True, after: tuple[Tensor, Tensor] | None = None):
+    """``_states_kernel`` over every sequence, float32: ``(states [C, H, K, V] or None, final [N, H, K, V],
+    term [NV, C, H, K] or None)``; forward states with ``after=None``, else state gradients, with
+    the gate's chunk terms when ``after = (states, final)`` of the forward and there is a gate."""
+    H, K, V = dims
+    BK, BV = min(_pow2(K), STATE_BK), min(_pow2(V), STATE_BV)
+    NV = triton.cdiv(V, BV)
+    f32 = dict(dtype=torch.float32, device=(x if x is not None else y if y is not None else s0).device)
+    states = torch.empty(chunks.count, H, K, V, **f32) if store_states else None
+    final = torch.empty(chunks.N, H, K, V, **f32)
+    term = torch.empty(NV, chunks.count, H, K, **f32) if after is not None and g is not None else None
+    fwd_states, fwd_final = after if after is not None else (None, None)
+    _states_kernel[(triton.cdiv(K, BK), NV, chunks.N * H)](
+        x, y, g, s0, states, final, fwd_states, fwd_final, term, chunks.first, chunks.cu_seqlens, scale, chunks.T,
+        chunks.count, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=_gate_kind(g), HAS_X=x is not None,
+        HAS_S0=s0 is not None, REVERSE=after is not None, STORE_STATES=store_states, TERM=term is not None,
+        ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None, num_warps=STATE_WARPS, num_stages=STATE_STAGES,
     )
-    return start, final
+    return states, final, term
+
+
+def _outputs(q, k, v, g, states, chunks: _Chunks, scale: float, anticausal: bool, BT: int) -> Tensor:
+    """``_output_kernel`` over every chunk: ``o [B, T, H, V]`` in v's dtype."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BV = min(_pow2(V), OUT_BV)
+    o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
+    _output_kernel[(triton.cdiv(V, BV), chunks.count, H)](
+        q, k, v, g, states, o, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
+        H=H, K=K, V=V, BT=BT, BK=_pow2(K), BV=BV, GATE=_gate_kind(g), ANTI=anticausal,
+        IS_VARLEN=chunks.cu_seqlens is not None, num_warps=PAR_WARPS, num_stages=PAR_STAGES,
+    )
+    return o
+
+
+def _parallel_backward(q, k, v, g, h0, states, ht, do, dht, chunks: _Chunks, scale: float, anticausal: bool, BT: int):
+    """dq, dk, dv, dg, dh0 of the chunk-parallel form: state gradients per chunk from one reverse
+    pass, then every chunk at once."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    gate = _gate_kind(g)
+    dstates, dh0, term = _states(q, do, g, dht, chunks, (H, K, V), scale, anticausal, BT, after=(states, ht))
+    BKF, BVF = _pow2(K), _pow2(V)
+    BK, BV = min(BKF, PAR_BK), min(BVF, PAR_BV)
+    NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
+    dq = torch.empty_like(q) if q is not None else None
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    KG = K if gate == 2 else 1
+    dG = torch.zeros(NK if gate == 1 else 1, B * T, H, KG, dtype=torch.float32, device=k.device) if gate else None
+    _chunk_bwd_kernel[(NK + NV, chunks.count, H)](
+        q, k, v, g, states, dstates, term, do, dq, dk, dv, dG, chunks.first, chunks.seq, chunks.cu_seqlens, scale,
+        chunks.T, chunks.count, B * T * H * KG, H=H, K=K, V=V, BT=BT, BKF=BKF, BVF=BVF, BK=BK, BV=BV, NK=NK,
+        NTERM=0 if term is None else term.shape[0], GATE=gate, HAS_Q=q is not None, ANTI=anticausal,
+        IS_VARLEN=chunks.cu_seqlens is not None, num_warps=PAR_WARPS, num_stages=PAR_STAGES,
+    )
+    dg = dG.sum(0).reshape(g.shape).to(g.dtype) if gate else None
+    return dq, dk, dv, dg, (dh0.to(h0.dtype) if h0 is not None else None)
+
+
+def _walk_forward(q, k, v, g, h0, chunks: _Chunks, scale: float, anticausal: bool, BT: int, output_final_state: bool):
+    """``_fwd_kernel``: one program per sequence, head and block of columns walks the chunks."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    BK, BV = _pow2(K), min(_pow2(V), FWD_BV)
+    o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device) if q is not None else None
+    ht = torch.empty(chunks.N, H, K, V, dtype=torch.float32, device=k.device) if output_final_state else None
+    _fwd_kernel[(triton.cdiv(V, BV), chunks.N * H)](
+        q, k, v, g, h0, o, ht, chunks.cu_seqlens, scale, chunks.T,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=_gate_kind(g), HAS_Q=q is not None, HAS_H0=h0 is not None,
+        STORE_HT=output_final_state, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None,
+        num_warps=FWD_WARPS, num_stages=FWD_STAGES,
+    )
+    return o, ht
+
+
+def _walk_backward(q, k, v, g, h0, ht, do, dht, chunks: _Chunks, scale: float, anticausal: bool, BT: int):
+    """dq, dk, dv, dg, dh0 from the chunk walks: dq forward, dk and dv backward, in one launch;
+    then the gate's gradient as a suffix sum over each sequence."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    gate = _gate_kind(g)
+    has_q = q is not None
+    rows = B * T
+    dh0 = torch.empty(chunks.N, H, K, V, dtype=torch.float32, device=k.device) if h0 is not None else None
+    BKF, BVF = _pow2(K), _pow2(V)
+    BKS, BVS = min(BKF, BWD_BK), min(BVF, BWD_BV)
+    NK, NV = triton.cdiv(K, BKS), triton.cdiv(V, BVS)
+    dq = torch.empty_like(q) if has_q else None
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    slots = (2 if has_q else 1) * (1 if gate == 2 else NK)
+    KG = K if gate == 2 else 1
+    dG = torch.empty(slots, rows, H, KG, dtype=torch.float32, device=k.device) if gate else None
+    cu = chunks.cu_seqlens
+    _bwd_kernel[((2 * NK if has_q else NK) + NV, chunks.N * H)](
+        q, k, v, g, h0, do, dht, dq, dk, dv, dh0, dG, cu, scale, chunks.T, rows * H * KG,
+        H=H, K=K, V=V, BT=BT, BKF=BKF, BVF=BVF, BKS=BKS, BVS=BVS, NK=NK, GATE=gate, HAS_Q=has_q,
+        HAS_H0=h0 is not None, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, ANTI=anticausal,
+        IS_VARLEN=cu is not None, num_warps=BWD_WARPS, num_stages=BWD_STAGES,
+    )
+    dg = None
+    if gate:
+        dg = torch.empty_like(g)
+        dlast = None
+        if dht is not None:
+            dlast = (dht * ht).sum(-1) if gate == 2 else (dht * ht).sum((-2, -1))[..., None]
+        BKG = min(_pow2(KG), 64)
+        _gate_grad_kernel[(chunks.N * H, triton.cdiv(KG, BKG))](
+            dG, dlast, dg, cu, chunks.T, rows * H * KG,
+            NP=slots, H=H, KG=KG, BT=64, BKG=BKG, HAS_LAST=dlast is not None, ANTI=anticausal, IS_VARLEN=cu is not None,
+        )
+    return dq, dk, dv, dg, (dh0.to(h0.dtype) if h0 is not None else None)
 
 
 class ChunkGLAFunction(torch.autograd.Function):
@@ -682,83 +886,33 @@ class ChunkGLAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, h0, scale, anticausal, cu_seqlens, chunk_size, output_final_state):
-        B, T, H, K = k.shape
+        H, K = k.shape[2:]
         V = v.shape[-1]
         gate = _gate_kind(g)
         BT = CHANNEL_CHUNK if gate == 2 else chunk_size
-        plan = _Plan(k, cu_seqlens, BT, segment=not anticausal)
-        n, cu, T_arg = plan.walks
-        ht = starts = None
-        if plan.segmented:
-            local = _state_sums(k, v, g, gate, plan.walks, 1.0, False, H)
-            starts, ht = _chain(plan, local, g, gate, h0, False, K, V, output_final_state)
-        elif output_final_state:
-            ht = torch.empty(plan.N, H, K, V, dtype=torch.float32, device=k.device)
-        o = None
-        if q is not None or not plan.segmented:
-            BK, BV = _pow2(K), min(_pow2(V), FWD_BV)
-            o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device) if q is not None else None
-            _fwd_kernel[(triton.cdiv(V, BV), n * H)](
-                q, k, v, g, starts if plan.segmented else h0, o, ht, cu, scale, T_arg,
-                H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, HAS_Q=q is not None,
-                HAS_H0=plan.segmented or h0 is not None, STORE_HT=output_final_state and not plan.segmented,
-                ANTI=anticausal, IS_VARLEN=cu is not None, num_warps=FWD_WARPS, num_stages=FWD_STAGES,
-            )
-        ctx.save_for_backward(q, k, v, g, h0, ht, starts)
-        ctx.plan, ctx.scale, ctx.anticausal, ctx.BT = plan, scale, anticausal, BT
+        chunks = _Chunks(k, cu_seqlens, BT)
+        walk = gate == 2 or chunks.N * H >= TARGET_PROGRAMS
+        states = None
+        if walk:
+            o, ht = _walk_forward(q, k, v, g, h0, chunks, scale, anticausal, BT, output_final_state)
+        else:
+            states, ht, _ = _states(k, v, g, h0, chunks, (H, K, V), 1.0, anticausal, BT)
+            o = _outputs(q, k, v, g, states, chunks, scale, anticausal, BT) if q is not None else None
+        ctx.save_for_backward(q, k, v, g, h0, ht, states)
+        ctx.chunks, ctx.scale, ctx.anticausal, ctx.BT, ctx.walk = chunks, scale, anticausal, BT, walk
         ctx.set_materialize_grads(False)
-        return o, ht
+        return o, (ht if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, h0, ht, starts = ctx.saved_tensors
-        plan, scale, BT = ctx.plan, ctx.scale, ctx.BT
-        B, T, H, K = k.shape
-        V = v.shape[-1]
-        gate = _gate_kind(g)
-        has_q = q is not None
-        if has_q and do is None:
-            do = torch.zeros(B, T, H, V, dtype=v.dtype, device=v.device)
-        do = do.contiguous() if has_q else None
+        q, k, v, g, h0, ht, states = ctx.saved_tensors
+        if q is not None and do is None:
+            do = torch.zeros_like(v)
+        do = do.contiguous() if q is not None else None
         dht = dht.contiguous() if dht is not None else None
-        dh0 = None
-        n, cu, T_arg = plan.walks
-        seg_ends = None
-        if plan.segmented:
-            local = _state_sums(q, do, g, gate, plan.walks, scale, True, H) if has_q else None
-            seg_ends, dh0 = _chain(plan, local, g, gate, dht, True, K, V, h0 is not None)
-        elif h0 is not None:
-            dh0 = torch.empty(plan.N, H, K, V, dtype=torch.float32, device=k.device)
-        BKF, BVF = _pow2(K), _pow2(V)
-        BKS, BVS = min(BKF, BWD_BK), min(BVF, BWD_BV)
-        NK, NV = triton.cdiv(K, BKS), triton.cdiv(V, BVS)
-        dq = torch.empty_like(q) if has_q else None
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        slots = (2 if has_q else 1) * (1 if gate == 2 else NK)
-        KG = K if gate == 2 else 1
-        dG = torch.empty(slots, plan.rows, H, KG, dtype=torch.float32, device=k.device) if gate else None
-        _bwd_kernel[((2 * NK if has_q else NK) + NV, n * H)](
-            q, k, v, g, starts if plan.segmented else h0, do, seg_ends if plan.segmented else dht,
-            dq, dk, dv, dh0, dG, cu, scale, T_arg, plan.rows * H * KG,
-            H=H, K=K, V=V, BT=BT, BKF=BKF, BVF=BVF, BKS=BKS, BVS=BVS, NK=NK, GATE=gate, HAS_Q=has_q,
-            HAS_H0=starts is not None or h0 is not None, HAS_DHT=seg_ends is not None or dht is not None,
-            STORE_DH0=h0 is not None and not plan.segmented, ANTI=ctx.anticausal, IS_VARLEN=cu is not None,
-            num_warps=BWD_WARPS, num_stages=BWD_STAGES,
-        )
-        dg = None
-        if gate:
-            dg = torch.empty_like(g)
-            dlast = None
-            if dht is not None:
-                dlast = (dht * ht).sum(-1) if gate == 2 else (dht * ht).sum((-2, -1))[..., None]
-            BKG = min(_pow2(KG), 64)
-            _gate_grad_kernel[(plan.N * H, triton.cdiv(KG, BKG))](
-                dG, dlast, dg, plan.cu_seqlens, plan.T, plan.rows * H * KG,
-                NP=slots, H=H, KG=KG, BT=64, BKG=BKG, HAS_LAST=dlast is not None, ANTI=ctx.anticausal,
-                IS_VARLEN=plan.cu_seqlens is not None,
-            )
-        if dh0 is not None:
-            dh0 = dh0.to(h0.dtype)
+        backward = _walk_backward if ctx.walk else _parallel_backward
+        args = (q, k, v, g, h0, ht, do, dht) if ctx.walk else (q, k, v, g, h0, states, ht, do, dht)
+        dq, dk, dv, dg, dh0 = backward(*args, ctx.chunks, ctx.scale, ctx.anticausal, ctx.BT)
         return dq, dk, dv, dg, dh0, None, None, None, None, None
 
 
@@ -776,8 +930,8 @@ class ReadStateFunction(torch.autograd.Function):
         q, S = ctx.saved_tensors
         do = do.contiguous()
         dq = _read(do, S, ctx.scale, trans=True)
-        B, T, H = q.shape[:3]
-        dS = _state_sums(q, do, None, 0, (B, None, T), ctx.scale, True, H)
+        H, K, V = S.shape[1:]
+        _, dS, _ = _states(q, do, None, None, _Chunks(q, None, 64), (H, K, V), ctx.scale, False, 64, store_states=False)
         return dq, dS.to(S.dtype), None
 
 
@@ -833,3 +987,4 @@ def chunk_gla(
     if initial_state is not None:
         initial_state = initial_state.contiguous()
     return ChunkGLAFunction.apply(q, k, v, g, initial_state, float(scale), anticausal, cu_seqlens, chunk_size, output_final_state)
+

@@ -1,5 +1,6 @@
 """Triton GLA kernels (run under the interpreter) = the float64 reference: outputs, final states
-and every gradient, per-head, per-channel and no gate, in every pattern, with segments and packing."""
+and every gradient, per-head, per-channel and no gate, in every pattern, chunk-parallel (the default
+at these sizes: sequences x heads < TARGET_PROGRAMS) and as walks (``target_programs=1``), packed."""
 
 from __future__ import annotations
 
@@ -15,12 +16,16 @@ for gate in ("none", "head", "channel"):
     for pattern in ("NS", "NC", "CC"):
         T = 20 if gate == "channel" else 33  # per-channel kernels run one chunk of 16 at a time: slow here
         CASES[f"{pattern}-{gate}-T{T}"] = dict(op="gla", pattern=pattern, gate=gate, T=T, dtype="float32", seed=3)
-    # sequences cut into segments of 64 tokens, chained by their states
-    CASES[f"CS-{gate}-segments"] = dict(op="gla", pattern="CS", gate=gate, T=80, dtype="float32", target_programs=64)
-    CASES[f"varlen-{gate}"] = dict(op="gla", pattern="CS", gate=gate, T=0, cu=[0, 1, 9, 80, 90], dtype="float32",
-                                   target_programs=64)
-CASES["NS-head-segments"] = dict(op="gla", pattern="NS", gate="head", T=150, dtype="float32", target_programs=64)
+    # one program per sequence and head walks the chunks
+    CASES[f"CS-{gate}-walk"] = dict(op="gla", pattern="CS", gate=gate, T=80, dtype="float32", target_programs=1)
+    CASES[f"varlen-{gate}"] = dict(op="gla", pattern="CS", gate=gate, T=0, cu=[0, 1, 9, 80, 90], dtype="float32")
+    CASES[f"varlen-{gate}-walk"] = dict(op="gla", pattern="CS", gate=gate, T=0, cu=[0, 1, 9, 80, 90], dtype="float32",
+                                        target_programs=1)
+CASES["NS-head-walk"] = dict(op="gla", pattern="NS", gate="head", T=150, dtype="float32", target_programs=1)
 CASES["CS-head-dims"] = dict(op="gla", pattern="CS", gate="head", T=40, K=32, V=24, chunk=32, dtype="float32")
+# chunks of 64, two blocks of state rows and columns in every chunk-parallel kernel (tiles of 64)
+CASES["NS-head-blocks"] = dict(op="gla", pattern="NS", gate="head", T=150, K=80, V=72, chunk=64, dtype="float32")
+CASES["CS-none-blocks"] = dict(op="gla", pattern="CS", gate="none", T=150, K=72, V=80, chunk=64, dtype="float32")
 CASES["CS-channel-dims"] = dict(op="gla", pattern="CS", gate="channel", T=24, K=24, V=16, dtype="float32")
 CASES["CS-head-fp16"] = dict(op="gla", pattern="CS", gate="head", T=65, dtype="float16")
 TOL = {"float32": 1e-5, "float16": 3e-3}
