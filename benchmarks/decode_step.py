@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import seqmix
+from seqmix.bench.measure import cuda_graph
 from seqmix.models.generation import block_step
 from seqmix.models.layers import Block
 from seqmix.ops import gated_linear_attention
@@ -114,20 +115,6 @@ def time_us(fn: Callable[[], object], cfg: Config) -> float:
                 fn()
             times.append((time.perf_counter() - t0) * 1e6 / cfg.iters)
     return statistics.median(times)
-
-
-def cuda_graph(fn: Callable[[], object]) -> Callable[[], None]:
-    """``fn`` (reading and writing fixed tensors only) captured once; returns the replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -29,7 +29,7 @@ mode=fwd,fwdbwd
 lengths=1024,2048,4096,8192,16384,32768,65536
 case "$PART" in
     seqmix) select=(--ops all --mixers all --peers torch.flex_attention) ;;
-    step) select=(--ops all --mixers all --peers none); mode=step; lengths=1024,4096,16384,65536,262144,1048576 ;;
+    step) select=(--ops all --mixers all --peers none); mode=step; lengths=1024,16384,262144,1048576 ;;
     fla-simple) select=(--ops gated_linear_attention --mixers none --peers fla.chunk_simple_gla,fla.chunk_linear_attn) ;;
     fla-gla) select=(--ops gated_linear_attention --mixers none --peers fla.chunk_gla) ;;
     fla-delta) select=(--ops delta_rule --mixers none --peers fla.chunk_gated_delta_rule) ;;

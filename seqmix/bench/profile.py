@@ -2,8 +2,9 @@
 
 A sweep measures every case (``profile_cases``) in every asked mode and pattern it serves, at each
 length, with ``tokens // T`` sequences per step (or a fixed ``--batch``); in ``step`` mode, one
-decoding step against a context of each length, at each ``--step-batches`` size. Each point is
-warmed up, then timed (median of repeats) and measured for peak memory (``measure``). Out of
+decoding step against a context of each length, at each ``--step-batches`` size (on CUDA timed
+as a CUDA-graph replay, as a decoding loop would run it, host launch overhead out; the eager
+time is kept in the point's note). Each point is warmed up, then timed (median of repeats) and measured for peak memory (``measure``). Out of
 memory is recorded as ``OOM`` and the sweep goes on; a point predicted (from the case's measured
 growth) or found (a warm call) to exceed ``--time-cap-s`` is recorded as skipped, and so is every
 point once ``--budget-s`` has passed. Rows go to the ``profile`` table of ``--db`` as they come;
@@ -151,7 +152,9 @@ def measure_point(case: Case, shape: Shape, mode: str, sweep: Sweep) -> Point:
     run = None
     try:
         run = (case.make_step if mode == "step" else case.make)(shape)
-        call = _call(run, mode)
+        call = eager = _call(run, mode)
+        if mode == "step" and shape.device.type == "cuda":
+            call, point.note = _graphed(eager, run.leaves, shape.device, sweep)
         first_s = measure.first_call(call, run.leaves, shape.device)
         point.first_ms = first_s * 1e3
         if first_s > sweep.time_cap_s:  # the first call may have compiled: ask a second
@@ -161,9 +164,11 @@ def measure_point(case: Case, shape: Shape, mode: str, sweep: Sweep) -> Point:
             return point
         timing = measure.time_call(call, run.leaves, shape.device, first_ms=first_s * 1e3, warmup_ms=sweep.warmup_ms, rep_ms=sweep.rep_ms)
         point.time_ms, point.timer, point.repeats = timing.ms, timing.timer, timing.repeats
+        if call is not eager:
+            point.timer += "+cuda.graph"
         point.input_bytes, point.state_bytes = measure.tensor_bytes(run.inputs), run.state_bytes
         try:
-            point.memory = measure.peak_memory(call, run.leaves, run.inputs, shape.device)
+            point.memory = measure.peak_memory(eager, run.leaves, run.inputs, shape.device)  # a replay allocates nothing
         except (torch.OutOfMemoryError, MemoryError):
             raise
         except Exception as e:  # noqa: BLE001  (the time stands; say why memory is missing)
@@ -179,6 +184,18 @@ def measure_point(case: Case, shape: Shape, mode: str, sweep: Sweep) -> Point:
     if shape.device.type == "cuda":
         torch.cuda.empty_cache()
     return point
+
+
+def _graphed(eager, leaves: list[torch.Tensor], device: torch.device, sweep: Sweep):
+    """``(the step captured in a CUDA graph, a note with its eager time)``; the eager call itself
+    and why, where capture fails."""
+    first_s = measure.first_call(eager, leaves, device)
+    eager_ms = measure.time_call(eager, leaves, device, first_ms=first_s * 1e3, warmup_ms=sweep.warmup_ms, rep_ms=sweep.rep_ms).ms
+    try:
+        return measure.cuda_graph(eager), f"eager (no CUDA graph) {eager_ms * 1e3:.1f} us"
+    except Exception as e:  # noqa: BLE001  (timed eagerly instead; the note says why)
+        torch.cuda.synchronize(device)
+        return eager, f"eager: CUDA graph capture failed: {_first_line(e)}"
 
 
 def predicted_ms(history: list[tuple[int, int, float]], length: int, batch: int) -> float | None:

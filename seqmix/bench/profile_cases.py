@@ -378,11 +378,11 @@ def op_cases(names: list[str], tiny: Shape) -> CaseSet:
                 out.cases.append(Case("op", spec.op, spec.variant, label, spec.patterns, spec.build(fn, backend), spec.step(fn, backend), role))
             continue
         if spec.candidates == ("auto",):
-            backend = step_backend = softmax_auto(tiny.device, windowed=True)
+            backend = softmax_auto(tiny.device, windowed=True)
+            step_backend = softmax_auto(tiny.device, windowed=False)  # one query reads the window's whole ring
         else:
             accepted = probe_backends(spec.op, lambda b, spec=spec, fn=fn: spec.build(fn, b), spec.candidates, tiny)
-            backend = resolve_backend(spec.op, "auto", accepted, tiny.device)
-            step_backend = "reference"  # decoding one token is the recurrence itself
+            backend = step_backend = resolve_backend(spec.op, "auto", accepted, tiny.device)  # T = 1: the fused step where there is one
         step = spec.step(fn, step_backend) if spec.step else None
         out.cases.append(Case("op", spec.op, spec.variant, backend, spec.patterns, spec.build(fn, backend), step, step_backend=step_backend))
     return out

@@ -92,6 +92,26 @@ class LinearAttention(Mixer):
             o = o / (torch.einsum("bhk,bhk->bh", qf, z)[..., None] + self.eps)
         return self.o_proj(o.flatten(1)), state
 
+    def prefill(self, x, state, *, context=None, mask=None):
+        """The parallel causal form started from ``(S, z)``: the numerator and the normaliser as one
+        gated-linear-attention pass (no gate) over values ``[v, 1]`` from the state ``[S, z]``;
+        padded positions write nothing (zero keys)."""
+        self._check_seq("x", x)
+        if context is not None:
+            self._check_context(x, context, aligned=True)
+        mask = self._check_mask("mask", mask, x)
+        if state.get("memory"):
+            raise ValueError(f"{self.name}: prefill continues a causal state; this one is for noncausal cross decoding")
+        qf, kf, v = self._features(x, x if context is None else context, mask)
+        S, z = state["S"], state["z"]
+        o, final = gated_linear_attention(
+            qf, kf, torch.cat([v, torch.ones_like(v[..., :1])], dim=-1), None, causal=True, scale=1.0,
+            initial_state=torch.cat([S, z[..., None]], dim=-1), output_final_state=True, backend=self.backend,
+        )
+        o = o[..., :-1] / (o[..., -1:] + self.eps) if self.normalize else o[..., :-1]
+        final = final.to(S.dtype)
+        return self.o_proj(o.flatten(2)), {"S": final[..., :-1], "z": final[..., -1]}
+
     def state_size(self, seq_len: int) -> int:
         return self.n_heads * self.feature_dim * (self.head_dim + 1)
 

@@ -49,15 +49,19 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     return B, T, S, H, K, v.shape[3]
 
 
+def values_checkable(t: torch.Tensor) -> bool:
+    """Whether a check of ``t``'s values (which reads the device) may run: not while compiling or
+    capturing a CUDA graph."""
+    return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def check_log_gate(name: str, g: torch.Tensor, like: torch.Tensor, shapes: list[tuple[int, ...]]) -> torch.Tensor:
     """A log forget gate: one of the given shapes, every entry ``<= 0`` (decay at most 1)."""
     check_tensor(name, g, tuple(len(s) for s in shapes), like=like)
     if tuple(g.shape) not in [tuple(s) for s in shapes]:
         want = " or ".join(str(list(s)) for s in shapes)
         raise ValueError(f"{name} has shape {list(g.shape)}, expected {want}")
-    # A value check reads the device: skipped while compiling or capturing a CUDA graph.
-    capturing = g.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not torch.compiler.is_compiling() and not capturing and bool((g > 0).any()):
+    if values_checkable(g) and bool((g > 0).any()):
         raise ValueError(f"{name} is a log forget gate and must be <= 0 everywhere; got max {g.max().item():.3g}")
     return g
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from seqmix.ops._checks import check_tensor, resolve_backend
+from seqmix.ops._checks import check_tensor, resolve_backend, values_checkable
 from seqmix.ops.gla import gated_linear_attention_chunked
 
 
@@ -106,7 +106,7 @@ def selective_scan(
             )
         if initial_state.device != u.device:
             raise ValueError(f"initial_state is on {initial_state.device}, expected {u.device} (the device of u)")
-    if not torch.compiler.is_compiling():
+    if values_checkable(A):
         if bool((A > 0).any()):
             raise ValueError(f"A must be <= 0 everywhere (a decaying state); got max {A.max().item():.3g}")
         if bool((delta < 0).any()):
