@@ -198,18 +198,21 @@ def _graphed(eager, leaves: list[torch.Tensor], device: torch.device, sweep: Swe
         return eager, f"eager: CUDA graph capture failed: {_first_line(e)}"
 
 
-def predicted_ms(history: list[tuple[int, int, float]], length: int, batch: int) -> float | None:
+def predicted_ms(history: list[tuple[int, int, float]], length: int, batch: int, slopes: tuple[float, float] = (1.0, 2.0)) -> float | None:
     """One call's time at ``(length, batch)`` from the case's measured ``(length, batch, ms)``,
-    as ``time ~ batch * length^s``: ``s`` from the last two points, clamped to [1, 2] (2 with one
-    point). With a fixed number of tokens per step that is at most linear growth in ``length``."""
+    as ``time ~ batch * length^s``: ``s`` from the last two points, clamped to ``slopes`` (its
+    upper end with one point). A whole sequence costs between linear and quadratic time in
+    ``length`` (with a fixed number of tokens per step, at most linear growth); one decoding step
+    between constant (a recurrent state) and linear (a KV cache): ``slopes = (0, 1)``."""
     if not history:
         return None
     n1, b1, t1 = history[-1]
-    slope = 2.0
+    low, high = slopes
+    slope = high
     if len(history) > 1:
         n0, b0, t0 = history[-2]
         if t0 > 0 and t1 > 0:
-            slope = min(2.0, max(1.0, math.log((t1 / b1) / (t0 / b0)) / math.log(n1 / n0)))
+            slope = min(high, max(low, math.log((t1 / b1) / (t0 / b0)) / math.log(n1 / n0)))
     return t1 * (batch / b1) * (length / n1) ** slope
 
 
@@ -226,7 +229,7 @@ def run_sweep(cases: list[Case], sweep: Sweep, *, conn, run_id: str, meta: dict,
                     for length in sweep.lengths:
                         b = batch if batch is not None else sweep.batch_at(length)
                         shape = Shape(pattern, b, length, sweep.heads, sweep.head_dim, DTYPES[sweep.dtype], sweep.device, mode == "fwdbwd", sweep.window)
-                        guess = predicted_ms(history, length, b)
+                        guess = predicted_ms(history, length, b, (0.0, 1.0) if mode == "step" else (1.0, 2.0))
                         if sweep.budget_s is not None and time.monotonic() - start > sweep.budget_s:
                             point = Point(status=f"skipped: over run budget ({sweep.budget_s:g} s)")
                         elif guess is not None and guess / 1e3 > sweep.time_cap_s:

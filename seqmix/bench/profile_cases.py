@@ -382,7 +382,8 @@ def op_cases(names: list[str], tiny: Shape) -> CaseSet:
             step_backend = softmax_auto(tiny.device, windowed=False)  # one query reads the window's whole ring
         else:
             accepted = probe_backends(spec.op, lambda b, spec=spec, fn=fn: spec.build(fn, b), spec.candidates, tiny)
-            backend = step_backend = resolve_backend(spec.op, "auto", accepted, tiny.device)  # T = 1: the fused step where there is one
+            backend = resolve_backend(spec.op, "auto", accepted, tiny.device)
+            step_backend = "triton" if backend == "triton" else "reference"  # T = 1: the fused step kernel, or the recurrence itself
         step = spec.step(fn, step_backend) if spec.step else None
         out.cases.append(Case("op", spec.op, spec.variant, backend, spec.patterns, spec.build(fn, backend), step, step_backend=step_backend))
     return out

@@ -131,7 +131,7 @@ class SoftmaxAttention(Mixer):
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             return self.o_proj(o.transpose(1, 2).flatten(1)), state
         pos = state["pos"]
-        position = torch.tensor([pos], device=x_t.device)
+        position = torch.arange(pos, pos + 1, device=x_t.device)  # no host-to-device copy: capturable in a CUDA graph
         q = self._q(x_t[:, None], position)
         k_t, v_t = self._kv((x_t if context_t is None else context_t)[:, None], position)
         state = self._write(state, k_t, v_t, pos, None)

@@ -28,6 +28,7 @@ class LinearAttention(Mixer):
 
     name = "linear"
     patterns = ALL_PATTERNS
+    backends = ("reference", "chunked", "triton")
 
     def __init__(
         self,

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from seqmix import kernels
 from seqmix.ops._checks import check_qkv, check_tensor, resolve_backend
 
 FEATURE_MAPS = ("identity", "elu", "relu", "performer")
@@ -52,18 +53,16 @@ def linear_attention_reference(qf, kf, v, *, causal: bool, normalize: bool, eps:
     return o
 
 
-def linear_attention_chunked(qf, kf, v, *, causal: bool, normalize: bool, eps: float, chunk_size: int = 64):
-    """Linear-time form: the state ``S = sum_j phi(k_j) v_j^T`` (prefix sums when causal, through
-    the chunked gated op with no gate); the normaliser rides along as an extra value column of ones."""
+def linear_attention_by_gla(qf, kf, v, *, causal: bool, normalize: bool, eps: float, backend: str):
+    """Linear-time form through :func:`gated_linear_attention` with no gate (``backend``
+    ``"chunked"`` or ``"triton"``): prefix states when causal; when not, every query reads the
+    final state (self and cross coincide without decay). The normaliser rides along as an extra
+    value column of ones."""
+    from seqmix.ops.gla import gated_linear_attention
+
     if normalize:
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-    if causal:
-        from seqmix.ops.gla import gated_linear_attention_chunked
-
-        o, _ = gated_linear_attention_chunked(qf, kf, v, None, causal=True, scale=1.0, chunk_size=chunk_size)
-    else:
-        state = torch.einsum("bshk,bshv->bhkv", kf, v)
-        o = torch.einsum("bthk,bhkv->bthv", qf, state)
+    o, _ = gated_linear_attention(qf, kf, v, None, causal=causal, cross=not causal, scale=1.0, backend=backend)
     if normalize:
         o = o[..., :-1] / (o[..., -1:] + eps)
     return o
@@ -90,7 +89,9 @@ def linear_attention(
         feature_map: one of ``identity``, ``elu``, ``relu``, ``performer`` (needs ``projection``
             ``[m, K]``), or a callable on ``[..., K]``.
         normalize: divide by the normaliser (off for the un-normalised form, e.g. with ``identity``).
-        backend: ``"reference"`` (quadratic), ``"chunked"`` (linear time), or ``"auto"``.
+        backend: ``"reference"`` (quadratic), ``"chunked"`` (linear time, PyTorch), ``"triton"``
+            (linear time, the gated-linear-attention kernels with no gate), or ``"auto"`` (triton on
+            CUDA, else chunked).
     Returns:
         ``o [B, T, H, V]``.
     """
@@ -100,7 +101,9 @@ def linear_attention(
         if projection.shape[1] != q.shape[-1]:
             raise ValueError(f"projection has shape {list(projection.shape)}, expected [num_features, {q.shape[-1]}]")
     phi = feature_map_fn(feature_map, projection)
-    backend = resolve_backend("linear_attention", backend, ("reference", "chunked"), q.device)
     qf, kf = phi(q), phi(k)
-    fn = linear_attention_reference if backend == "reference" else linear_attention_chunked
-    return fn(qf, kf, v, causal=causal, normalize=normalize, eps=eps)
+    why_not = {"triton": reason} if (reason := kernels.unsupported(qf, (qf.shape[-1], v.shape[-1] + 1))) else {}
+    backend = resolve_backend("linear_attention", backend, ("reference", "chunked", "triton"), q.device, why_not)
+    if backend == "reference":
+        return linear_attention_reference(qf, kf, v, causal=causal, normalize=normalize, eps=eps)
+    return linear_attention_by_gla(qf, kf, v, causal=causal, normalize=normalize, eps=eps, backend=backend)

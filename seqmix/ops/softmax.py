@@ -98,9 +98,11 @@ FLEX_BLOCK = 128
 @functools.lru_cache(maxsize=32)
 def _window_block_mask(T: int, S: int, window: int, causal: bool, device: torch.device):
     """The sliding-window ``BlockMask`` (query ``i`` sees key ``j`` if ``|i - j| < window``, and
-    ``j <= i`` if causal), built from its band of key blocks: ``O(T / 128 * window / 128)`` memory,
-    where ``create_block_mask`` evaluates the mask on the whole ``T x S`` grid. Every block of the
-    band is treated as partial (the mask is applied inside it). Cached per shape."""
+    ``j <= i`` if causal), built from its band of key blocks: ``O((T / 128) (S / 128))`` small
+    integers, where ``create_block_mask`` evaluates the mask on the whole ``T x S`` grid. Each row
+    of block indices is as wide as the key blocks (``BlockMask`` requires it), its first ``count``
+    entries the band. Every block of the band is treated as partial (the mask is applied inside
+    it). Cached per shape."""
     from torch.nn.attention.flex_attention import BlockMask
 
     def local(b, h, i, j):
@@ -113,8 +115,8 @@ def _window_block_mask(T: int, S: int, window: int, causal: bool, device: torch.
     last_key = rows + FLEX_BLOCK - 1 if causal else rows + FLEX_BLOCK - 1 + window - 1
     last = (last_key.clamp_max(S - 1) // FLEX_BLOCK)
     count = (last - first + 1).clamp_min(0)
-    width = max(int(count.max()), 1)
-    indices = (first[:, None] + torch.arange(width, device=device)).clamp_max(-(-S // FLEX_BLOCK) - 1)
+    key_blocks = -(-S // FLEX_BLOCK)
+    indices = (first[:, None] + torch.arange(key_blocks, device=device)).clamp_max(key_blocks - 1)
     return BlockMask.from_kv_blocks(
         count[None, None].int(), indices[None, None].int(), BLOCK_SIZE=FLEX_BLOCK, mask_mod=local, seq_lengths=(T, S)
     )

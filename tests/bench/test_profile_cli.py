@@ -137,6 +137,9 @@ def test_predicted_time_follows_the_measured_slope():
     assert prof.predicted_ms([(10, 1, 1.0), (20, 1, 2.0)], 40, 1) == pytest.approx(4.0)  # linear
     assert prof.predicted_ms([(10, 1, 1.0), (20, 1, 1.0)], 40, 1) == pytest.approx(2.0)  # never below linear
     assert prof.predicted_ms([(10, 4, 1.0), (20, 2, 1.0)], 40, 1) == pytest.approx(1.0)  # linear work at fixed tokens
+    step = (0.0, 1.0)  # one decoding step: constant (a recurrent state) to linear (a KV cache)
+    assert prof.predicted_ms([(10, 1, 1.0)], 40, 1, step) == pytest.approx(4.0)
+    assert prof.predicted_ms([(10, 1, 1.0), (20, 1, 1.0)], 40, 1, step) == pytest.approx(1.0)
 
 
 def test_lift_fla_guard_sets_the_flag_and_says_so(monkeypatch):
