@@ -86,6 +86,11 @@ def _softmax_attention_flex(q, k, v, *, causal, window, key_padding_mask, scale)
         raise ValueError("softmax_attention: backend 'flex' is for sliding windows; pass window or use backend='sdpa'")
     if not q.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise ValueError("softmax_attention: backend 'flex' has no backward on the CPU; use backend='sdpa'")
+    if max(q.numel(), k.numel(), v.numel()) >= 2**31:
+        raise ValueError(
+            f"softmax_attention: backend 'flex' indexes with 32-bit offsets; q, k, v must have under 2**31 elements, got "
+            f"{[list(t.shape) for t in (q, k, v)]}; split the batch or use backend='sdpa'"
+        )
     block_mask = _window_block_mask(q.shape[1], k.shape[1], window, causal, q.device)
     fn = _compiled_flex() if q.is_cuda else flex_attention
     o = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale)

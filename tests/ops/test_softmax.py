@@ -116,3 +116,6 @@ def test_bad_input():
         softmax_attention(*qkv(grad=True), causal=True, window=3, backend="flex")
     with pytest.raises(TypeError, match="causal must be True or False"):
         softmax_attention(q, k, v, causal=None)
+    huge = torch.zeros(1, 1, 1, 1, dtype=torch.float32).expand(1, 2**20, 16, 128)  # 2**31 elements, no memory
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        softmax_attention(huge, huge, huge, causal=True, window=8, backend="flex")
