@@ -116,6 +116,7 @@ FAMILIES = [
     Family("gla, head gate", _gla_inputs("head"), _gla_call),
     Family("gla, chan. gate", _gla_inputs("channel"), _gla_call),
     Family("gla, head, packed", _packed(_gla_inputs("head")), _gla_call, (Pattern.CAUSAL_SELF,), packed=True),
+    Family("gla, chan., packed", _packed(_gla_inputs("channel")), _gla_call, (Pattern.CAUSAL_SELF,), packed=True),
     Family("gla, none, walks", _gla_inputs("none"), _walks(_gla_call)),
     Family("gla, head, walks", _gla_inputs("head"), _walks(_gla_call)),
     Family("gla, packed, walks", _packed(_gla_inputs("head")), _walks(_gla_call), (Pattern.CAUSAL_SELF,), packed=True),

@@ -9,18 +9,18 @@ Per sequence and head, with ``q, k [T, K]``, ``v [T, V]``, a log gate ``g <= 0``
 ``o_i = scale * sum_{j > i} (q_i * exp(g_{i+1} + ... + g_j)) . k_j  v_j``, with no state in or out:
 the same recurrence run from the end, exclusive of each token, reading ``g`` shifted by one.
 
-Algorithm. Time is cut into chunks of ``BT`` tokens (16 for per-channel gates); ``c`` is the
-gate's cumsum inside the chunk and ``c_L`` its total. Every exponent below is ``<= 0``::
+Algorithm. Time is cut into chunks of ``BT`` tokens; ``c`` is the gate's cumsum inside the chunk
+and ``c_L`` its total. Every exponent below is ``<= 0``::
 
     o  = scale * [ (q * exp(c)) S  +  A v ],    A_ij = sum_k q_ik k_jk exp(c_ik - c_jk) [j <= i]
     S' = diag(exp(c_L)) S + (k * exp(c_L - c))^T v
 
-``A`` is ``(q k^T) * exp(c_i - c_j)`` for a per-head gate; for a per-channel gate it is built one
-key at a time. Two forms share these formulas:
+``A`` is ``(q k^T) * exp(c_i - c_j)`` for a per-head gate; for a per-channel gate it is built from
+sub-chunks of 16 (see the per-channel section). Two forms share these formulas:
 
-- the walks: one program per sequence, head and block of state columns walks the chunks in
-  order, keeping ``S`` in registers (no state goes to memory). The backward runs three kinds of
-  programs in one launch: ``dq`` walks forward recomputing ``S`` (a block of its rows); ``dk`` and
+- the walks (gate per head or none): one program per sequence, head and block of state columns
+  walks the chunks in order, keeping ``S`` in registers (no state goes to memory). The backward
+  runs three kinds of programs in one launch: ``dq`` walks forward recomputing ``S`` (a block of its rows); ``dk`` and
   ``dv`` walk backward carrying ``dS`` (a block of its rows, resp. columns)::
 
     dS <- diag(exp(c_L)) dS + scale * (q * exp(c))^T do            (dS at the end = grad of final state)
@@ -28,9 +28,9 @@ key at a time. Two forms share these formulas:
     dk  = (v dS^T) * exp(c_L - c) + scale * sum_i (do_i . v_j) q_i exp(c_i - c_j) [j <= i]
     dv  = (k * exp(c_L - c)) dS + scale * A^T do
 
-- the chunk-parallel form, when sequences x heads are too few to fill the GPU
-  (``TARGET_PROGRAMS``): one pass per sequence walks only the inter-chunk recurrence and writes
-  the state before every chunk (float32, ``[chunks, H, K, V]``); then one program per chunk, head
+- the chunk-parallel form, for per-channel gates and when sequences x heads are too few to fill
+  the GPU (``TARGET_PROGRAMS``): one pass per sequence walks only the inter-chunk recurrence and
+  writes the state before every chunk (float32, ``[chunks, H, K, V]``); then one program per chunk, head
   and block of columns computes its outputs. The backward likewise: one reverse pass writes the
   gradient of the state after every chunk, then every chunk computes dq, dk, dv and dg at once.
 
@@ -63,12 +63,13 @@ BWD_WARPS, BWD_STAGES = 4, 2
 # sequences x heads below which the chunk-parallel form replaces the walks: the forward walks are
 # 2 per sequence and head (D = 128), two fit on a multiprocessor, an H100 has 132
 TARGET_PROGRAMS = 128
+# chunk-parallel kernels: 8 warps, as with 4 every one of them spills (sm_90, bf16, D = 128)
 STATE_BK, STATE_BV = 64, 64  # state tile per program of the inter-chunk passes
-STATE_WARPS, STATE_STAGES = 4, 2
+STATE_WARPS, STATE_STAGES = 8, 2
 OUT_BV = 64  # columns per output program
 PAR_BK, PAR_BV = 64, 64  # state rows per dq / dk program, columns per dv program (and step of their loops)
-PAR_WARPS, PAR_STAGES = 4, 2
-CHANNEL_CHUNK = 16
+PAR_WARPS, PAR_STAGES = 8, 2
+SUB_CHUNK = 16  # sub-chunk of the per-channel gate's scores
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -205,54 +206,9 @@ def _head_decay(c, BT: tl.constexpr, ANTI: tl.constexpr):
 
 
 @triton.jit
-def _row(x, i, BT: tl.constexpr):
-    """Row ``i`` of a ``[BT, D]`` register tile, in fp32."""
-    return tl.sum(tl.where((tl.arange(0, BT) == i)[:, None], x.to(tl.float32), 0.0), 0)
-
-
-@triton.jit
-def _channel_scores(q, k, c, BT: tl.constexpr, ANTI: tl.constexpr):
-    """``A [i, j] = sum_k q_ik k_jk exp(c_ik - c_jk)`` where ``i`` sees ``j``, else 0 (per-channel gates)."""
-    r = tl.arange(0, BT)
-    A = tl.zeros([BT, BT], dtype=tl.float32)
-    for j in range(BT):
-        k_j = _row(k, j, BT)
-        c_j = _row(c, j, BT)
-        col = tl.sum(q.to(tl.float32) * k_j[None, :] * tl.exp(tl.minimum(c - c_j[None, :], 0.0)), 1)
-        A = tl.where((r == j)[None, :], col[:, None], A)
-    return tl.where(_keep(BT, ANTI), A, 0.0)
-
-
-@triton.jit
-def _channel_from_keys(W, k, c, BT: tl.constexpr):
-    """``out_ik = sum_j W_ij k_jk exp(c_ik - c_jk)`` for a masked ``W`` (``j <= i`` only)."""
-    r = tl.arange(0, BT)
-    out = tl.zeros(k.shape, dtype=tl.float32)
-    for j in range(BT):
-        w_j = tl.sum(tl.where((r == j)[None, :], W, 0.0), 1)
-        out += w_j[:, None] * _row(k, j, BT)[None, :] * tl.exp(tl.minimum(c - _row(c, j, BT)[None, :], 0.0))
-    return out
-
-
-@triton.jit
-def _channel_from_queries(W, q, c, BT: tl.constexpr):
-    """``out_jk = sum_i W_ij q_ik exp(c_ik - c_jk)`` for a masked ``W`` (``j <= i`` only)."""
-    r = tl.arange(0, BT)
-    out = tl.zeros(q.shape, dtype=tl.float32)
-    for i in range(BT):
-        w_i = tl.sum(tl.where((r == i)[:, None], W, 0.0), 0)
-        out += w_i[:, None] * _row(q, i, BT)[None, :] * tl.exp(tl.minimum(_row(c, i, BT)[None, :] - c, 0.0))
-    return out
-
-
-@triton.jit
-def _scores(q, k, c, BT: tl.constexpr, GATE: tl.constexpr, ANTI: tl.constexpr):
-    """``A [i, j]``: query ``i`` reading key ``j`` inside the chunk, with its decay."""
-    if GATE == 2:
-        A = _channel_scores(q, k, c, BT, ANTI)
-    else:
-        A = _dot(q, tl.trans(k)) * _head_decay(c, BT, ANTI)
-    return A
+def _scores(q, k, c, BT: tl.constexpr, ANTI: tl.constexpr):
+    """``A [i, j]``: query ``i`` reading key ``j`` inside the chunk, with its decay (gate per head or none)."""
+    return _dot(q, tl.trans(k)) * _head_decay(c, BT, ANTI)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -289,7 +245,7 @@ def _fwd_kernel(
         b_cl = tl.sum(b_g, 0)
         if HAS_Q:
             b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
-            b_A = _scores(b_q, b_k, b_c, BT, GATE, ANTI)
+            b_A = _scores(b_q, b_k, b_c, BT, ANTI)
             b_o = _dot(_rows_times(b_q, tl.exp(b_c), GATE).to(dt), b_S.to(dt)) + _dot(b_A.to(dt), b_v)
             _store(o + i_h * V, scale * b_o, rows, valid, cv, V, H * V)
         b_kd = _rows_times(b_k, tl.exp(_to_end(b_c, b_cl, GATE)), GATE)
@@ -350,18 +306,12 @@ def _bwd_dq(
         b_c = tl.cumsum(b_g, 0)
         b_cl = tl.sum(b_g, 0)
         b_dq = _rows_times(_dot_split(b_do, tl.trans(b_S), False), tl.exp(b_c), GATE)
-        if GATE == 2:
-            b_dA = tl.where(_keep(BT, ANTI), _dot(b_do, tl.trans(b_v)), 0.0)
-            b_dq += _channel_from_keys(b_dA, b_k, b_c, BT)
-        else:
-            b_dA = _dot(b_do, tl.trans(b_v)) * _head_decay(b_c, BT, ANTI)
-            b_dq += _dot(b_dA.to(dt), b_k)
+        b_dA = _dot(b_do, tl.trans(b_v)) * _head_decay(b_c, BT, ANTI)
+        b_dq += _dot(b_dA.to(dt), b_k)
         b_dq *= scale
         _store(dq + i_h * K, b_dq, rows, valid, ck, K, H * K)
-        if GATE == 1:
+        if GATE:
             tl.store(dG + i_k * TG + rows * H + i_h, tl.sum(b_q.to(tl.float32) * b_dq, 1), mask=valid)
-        elif GATE == 2:
-            _store(dG + i_h * K, b_q.to(tl.float32) * b_dq, rows, valid, ck, K, H * K)
         b_kd = _rows_times(b_k, tl.exp(_to_end(b_c, b_cl, GATE)), GATE)
         b_S = _decayed(b_S, b_cl, GATE) + _dot_split(tl.trans(b_kd), b_v, True)
 
@@ -395,19 +345,13 @@ def _bwd_dk(
         if HAS_Q:
             b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
             b_do = _tile(do + i_h * V, rows, valid, cv, V, H * V)
-            if GATE == 2:
-                b_dA = tl.where(_keep(BT, ANTI), _dot(b_do, tl.trans(b_v)), 0.0)
-                b_dk += scale * _channel_from_queries(b_dA, b_q, b_c, BT)
-            else:
-                b_dAt = tl.trans(_dot(b_do, tl.trans(b_v)) * _head_decay(b_c, BT, ANTI))
-                b_dk += scale * _dot(b_dAt.to(dt), b_q)
+            b_dAt = tl.trans(_dot(b_do, tl.trans(b_v)) * _head_decay(b_c, BT, ANTI))
+            b_dk += scale * _dot(b_dAt.to(dt), b_q)
             b_qd = _rows_times(scale * b_q.to(tl.float32), tl.exp(b_c), GATE)
             b_dS += _dot_split(tl.trans(b_qd), b_do, True)
         _store(dk + i_h * K, b_dk, rows, valid, ck, K, H * K)
-        if GATE == 1:
+        if GATE:
             tl.store(dG + slot * TG + rows * H + i_h, -tl.sum(b_k.to(tl.float32) * b_dk, 1), mask=valid)
-        elif GATE == 2:
-            _store(dG + slot * TG + i_h * K, -b_k.to(tl.float32) * b_dk, rows, valid, ck, K, H * K)
     if STORE_DH0:
         tl.store(dh0 + state_offs, b_dS, mask=state_mask)
 
@@ -440,7 +384,7 @@ def _bwd_dv(
         if HAS_Q:
             b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
             b_do = _tile(do + i_h * V, rows, valid, cv, V, H * V)
-            b_At = tl.trans(_scores(b_q, b_k, b_c, BT, GATE, ANTI))
+            b_At = tl.trans(_scores(b_q, b_k, b_c, BT, ANTI))
             b_dv += scale * _dot(b_At.to(dt), b_do)
             b_qd = _rows_times(scale * b_q.to(tl.float32), tl.exp(b_c), GATE)
             b_dS += _dot(tl.trans(b_qd.to(dt)), b_do)
@@ -456,31 +400,23 @@ def _bwd_kernel(
     ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """Programs ``[0, NK)`` compute dq (only with queries), the next ``NK`` dk, the rest dv. The dG
-    slot of a dk program is its program index (per-channel gates: 1 with queries, else 0)."""
+    slot of a dk program is its program index."""
     role, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     if HAS_Q:
-        if GATE == 2:
-            slot = 1
-        else:
-            slot = role
         if role < NK:
             _bwd_dq(q, k, v, g, h0, do, dq, dG, scale, bos, Tn, i_nh, i_h, role, TG,
                     H, K, V, BT, BKS, BVF, GATE, HAS_H0, ANTI)
         elif role < 2 * NK:
-            _bwd_dk(q, k, v, g, do, dht, dk, dh0, dG, scale, bos, Tn, i_nh, i_h, role - NK, slot, TG,
+            _bwd_dk(q, k, v, g, do, dht, dk, dh0, dG, scale, bos, Tn, i_nh, i_h, role - NK, role, TG,
                     H, K, V, BT, BKS, BVF, GATE, HAS_Q, HAS_DHT, STORE_DH0, ANTI)
         else:
             _bwd_dv(q, k, g, do, dht, dv, scale, bos, Tn, i_nh, i_h, role - 2 * NK,
                     H, K, V, BT, BKF, BVS, GATE, HAS_Q, HAS_DHT, ANTI)
     else:
-        if GATE == 2:
-            slot = 0
-        else:
-            slot = role
         if role < NK:
-            _bwd_dk(q, k, v, g, do, dht, dk, dh0, dG, scale, bos, Tn, i_nh, i_h, role, slot, TG,
+            _bwd_dk(q, k, v, g, do, dht, dk, dh0, dG, scale, bos, Tn, i_nh, i_h, role, role, TG,
                     H, K, V, BT, BKS, BVF, GATE, HAS_Q, HAS_DHT, STORE_DH0, ANTI)
         else:
             _bwd_dv(q, k, g, do, dht, dv, scale, bos, Tn, i_nh, i_h, role - NK,
@@ -490,16 +426,15 @@ def _bwd_kernel(
 @triton.jit
 def _gate_grad_kernel(
     dG, dlast, dg, cu_seqlens, T, TG,
-    NP: tl.constexpr, H: tl.constexpr, KG: tl.constexpr, BT: tl.constexpr, BKG: tl.constexpr,
-    HAS_LAST: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
+    NP: tl.constexpr, H: tl.constexpr, BT: tl.constexpr, HAS_LAST: tl.constexpr, ANTI: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
-    """``dg [rows, H, KG]`` from the ``NP`` slots of ``dL/dG``: a suffix sum per sequence (an
-    exclusive prefix sum for the anticausal pass), ``dlast [N, H, KG]`` added at the last token."""
-    i_nh, i_g = tl.program_id(0), tl.program_id(1)
+    """``dg [rows, H]`` from the ``NP`` slots of ``dL/dG``: a suffix sum per sequence (an exclusive
+    prefix sum for the anticausal pass), ``dlast [N, H]`` added at the last token."""
+    i_nh = tl.program_id(0)
     i_n, i_h = i_nh // H, i_nh % H
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
-    cg = i_g * BKG + tl.arange(0, BKG)
-    carry = tl.zeros([BKG], dtype=tl.float32)
+    carry = tl.zeros([1], dtype=tl.float32)
     NT = tl.cdiv(Tn, BT)
     for i in range(NT):
         if ANTI:
@@ -509,18 +444,17 @@ def _gate_grad_kernel(
         t = i_c * BT + tl.arange(0, BT)
         valid = t < Tn
         rows = bos + t
-        x = tl.zeros([BT, BKG], dtype=tl.float32)
+        x = tl.zeros([BT], dtype=tl.float32)
         for p in tl.static_range(NP):
-            x += _tile(dG + p * TG + i_h * KG, rows, valid, cg, KG, H * KG)
+            x += tl.load(dG + p * TG + rows * H + i_h, mask=valid, other=0.0)
         if HAS_LAST:
-            last = tl.load(dlast + i_nh * KG + cg, mask=cg < KG, other=0.0)
-            x += tl.where((t == Tn - 1)[:, None], last[None, :], 0.0)
+            x += tl.where(t == Tn - 1, tl.load(dlast + i_nh), 0.0)
         if ANTI:
-            y = carry[None, :] + tl.cumsum(x, 0) - x
+            y = carry + tl.cumsum(x, 0) - x
         else:
-            y = carry[None, :] + tl.sum(x, 0)[None, :] - tl.cumsum(x, 0) + x
+            y = carry + _suffix(x)
         carry += tl.sum(x, 0)
-        _store(dg + i_h * KG, y, rows, valid, cg, KG, H * KG)
+        tl.store(dg + rows * H + i_h, y, mask=valid)
 
 
 # ----------------------------------------------------------------------------- chunk-parallel form
@@ -596,45 +530,278 @@ def _states_kernel(
     tl.store(final + i_nh.to(tl.int64) * K * V + offs, b_S, mask=mask)
 
 
+# ----------------------------------------------------------------------------- per-channel gates, chunk-parallel
+#
+# A chunk of BT rows is cut into sub-chunks of SUB = 16. Between sub-chunks J < I the scores are
+# tensor-core products of gated rows referenced at a sub-chunk boundary b (the gate's cumsum at the
+# end of the earlier sub-chunk, or the start of the later one), so that every exponent is <= 0:
+#     A_IJ = (q_I * exp(c_I - b)) (k_J * exp(b - c_J))^T
+# Inside a sub-chunk the 16 x 16 scores are summed one key (or query) row at a time, each row read
+# from memory.
+
+
+@triton.jit
+def _rows_at(s0, Tn, N: tl.constexpr, ANTI: tl.constexpr):
+    """Time indices of the ``N`` rows from walk position ``s0`` (reversed when ``ANTI``) and which are real."""
+    s = s0 + tl.arange(0, N)
+    if ANTI:
+        t = Tn - 1 - s
+    else:
+        t = s
+    return t, s < Tn
+
+
+@triton.jit
+def _row_at(x, bos, s, Tn, i_h, cols, H: tl.constexpr, D: tl.constexpr, ANTI: tl.constexpr):
+    """Row of walk position ``s`` of a ``[rows, H, D]`` tensor, in fp32 (zero past the end)."""
+    if ANTI:
+        t = Tn - 1 - s
+    else:
+        t = s
+    ok = (cols < D) & ((cols * 0 + s) < Tn)
+    return tl.load(x + (bos + t).to(tl.int64) * H * D + i_h * D + cols, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gate_row(g, bos, s, Tn, i_h, cols, H: tl.constexpr, K: tl.constexpr, ANTI: tl.constexpr):
+    """The gate that walk position ``s`` reads (``g_{t+1}`` in the anticausal pass, 0 past the end)."""
+    if ANTI:
+        t = Tn - s
+        ok = (cols < K) & ((cols * 0 + s) < Tn) & ((cols * 0 + s) > 0)
+    else:
+        t = s
+        ok = (cols < K) & ((cols * 0 + s) < Tn)
+    return tl.load(g + (bos + t).to(tl.int64) * H * K + i_h * K + cols, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gate_before(g, bos, i_c, n, Tn, i_h, ck, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, ANTI: tl.constexpr):
+    """Sum of the gates of the first ``n`` rows of chunk ``i_c``: ``[len(ck)]``."""
+    t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
+    return tl.sum(_gate(g, bos, t, valid & (tl.arange(0, BT) < n), Tn, i_h, ck, H, K, BT, 2, ANTI), 0)
+
+
+@triton.jit
+def _sub_chunk(x, g, bos, i_c, m, Tn, i_h, ck, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+               SUB: tl.constexpr, ANTI: tl.constexpr):
+    """Sub-chunk ``m`` of chunk ``i_c``: its times, validity, rows of ``x`` (fp32, ``[SUB, len(ck)]``),
+    gate cumsum from the chunk start ``c`` and the boundaries ``b`` (before) and ``e`` (after it)."""
+    t, valid = _rows_at(i_c * BT + m * SUB, Tn, SUB, ANTI)
+    b_x = _tile(x + i_h * K, bos + t, valid, ck, K, H * K).to(tl.float32)
+    b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, SUB, 2, ANTI)
+    b = _gate_before(g, bos, i_c, m * SUB, Tn, i_h, ck, H, K, BT, ANTI)
+    return t, valid, b_x, b[None, :] + tl.cumsum(b_g, 0), b, b + tl.sum(b_g, 0)
+
+
+@triton.jit
+def _diag_scores(q_m, k, g, c_m, b_m, bos, s0, Tn, i_h, ck, H: tl.constexpr, K: tl.constexpr,
+                 SUB: tl.constexpr, ANTI: tl.constexpr):
+    """``A [i, j] = sum_k q_ik k_jk exp(c_ik - c_jk)`` inside the sub-chunk from walk position ``s0``,
+    where ``i`` sees ``j``, else 0; ``q_m``, ``c_m`` its tiles, ``b_m`` the gate sum before it."""
+    r = tl.arange(0, SUB)
+    A = tl.zeros([SUB, SUB], dtype=tl.float32)
+    c_j = b_m
+    for j in range(SUB):
+        k_j = _row_at(k, bos, s0 + j, Tn, i_h, ck, H, K, ANTI)
+        c_j += _gate_row(g, bos, s0 + j, Tn, i_h, ck, H, K, ANTI)
+        col = tl.sum(q_m * k_j[None, :] * tl.exp(tl.minimum(c_m - c_j[None, :], 0.0)), 1)
+        A = tl.where(r[None, :] == j, col[:, None], A)
+    return tl.where(_keep(SUB, ANTI), A, 0.0)
+
+
+@triton.jit
+def _diag_from_keys(W, k, g, c_m, b_m, bos, s0, Tn, i_h, ck, H: tl.constexpr, K: tl.constexpr,
+                    SUB: tl.constexpr, ANTI: tl.constexpr):
+    """``out_ik = sum_j W_ij k_jk exp(c_ik - c_jk)`` inside the sub-chunk, for a masked ``W``."""
+    r = tl.arange(0, SUB)
+    out = tl.zeros(c_m.shape, dtype=tl.float32)
+    c_j = b_m
+    for j in range(SUB):
+        k_j = _row_at(k, bos, s0 + j, Tn, i_h, ck, H, K, ANTI)
+        c_j += _gate_row(g, bos, s0 + j, Tn, i_h, ck, H, K, ANTI)
+        w_j = tl.sum(tl.where(r[None, :] == j, W, 0.0), 1)
+        out += w_j[:, None] * k_j[None, :] * tl.exp(tl.minimum(c_m - c_j[None, :], 0.0))
+    return out
+
+
+@triton.jit
+def _diag_from_queries(W, q, g, c_m, b_m, bos, s0, Tn, i_h, ck, H: tl.constexpr, K: tl.constexpr,
+                       SUB: tl.constexpr, ANTI: tl.constexpr):
+    """``out_jk = sum_i W_ij q_ik exp(c_ik - c_jk)`` inside the sub-chunk, for a masked ``W``."""
+    r = tl.arange(0, SUB)
+    out = tl.zeros(c_m.shape, dtype=tl.float32)
+    c_i = b_m
+    for i in range(SUB):
+        q_i = _row_at(q, bos, s0 + i, Tn, i_h, ck, H, K, ANTI)
+        c_i += _gate_row(g, bos, s0 + i, Tn, i_h, ck, H, K, ANTI)
+        w_i = tl.sum(tl.where(r[:, None] == i, W, 0.0), 0)
+        out += w_i[:, None] * q_i[None, :] * tl.exp(tl.minimum(c_i[None, :] - c_m, 0.0))
+    return out
+
+
+@triton.jit
+def _channel_output(q, k, v, g, S, o, scale, bos, Tn, i_c, i_h, ck, cv,
+                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr,
+                    ANTI: tl.constexpr):
+    """``o = scale * [(q * exp(c)) S + A v]`` of one chunk, per sub-chunk ``m``: ``A v`` from the
+    earlier sub-chunks (referenced at ``m``'s start) and the diagonal block."""
+    dt = k.dtype.element_ty
+    b_S = S.to(dt)
+    for m in range(BT // SUB):
+        s0 = i_c * BT + m * SUB
+        t, valid, b_q, c_m, b_m, _ = _sub_chunk(q, g, bos, i_c, m, Tn, i_h, ck, H, K, BT, SUB, ANTI)
+        rows = bos + t
+        b_o = _dot((b_q * tl.exp(c_m)).to(dt), b_S)
+        b_qr = (b_q * tl.exp(c_m - b_m[None, :])).to(dt)
+        for J in range(m):
+            t_J, valid_J, b_k, c_J, _, _ = _sub_chunk(k, g, bos, i_c, J, Tn, i_h, ck, H, K, BT, SUB, ANTI)
+            b_A = _dot(b_qr, tl.trans((b_k * tl.exp(b_m[None, :] - c_J)).to(dt)))
+            b_o += _dot(b_A.to(dt), _tile(v + i_h * V, bos + t_J, valid_J, cv, V, H * V))
+        b_A = _diag_scores(b_q, k, g, c_m, b_m, bos, s0, Tn, i_h, ck, H, K, SUB, ANTI)
+        b_o += _dot(b_A.to(dt), _tile(v + i_h * V, rows, valid, cv, V, H * V))
+        _store(o + i_h * V, scale * b_o, rows, valid, cv, V, H * V)
+
+
+@triton.jit
+def _channel_dqk(
+    q, k, v, g, states, dstates, term, do, dq, dk, dG, scale, bos, Tn, i_t, i_c, i_h, i_k, C,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BVF: tl.constexpr, SUB: tl.constexpr, NTERM: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr,
+):
+    """dq, dk and dg of one chunk for channels ``i_k``, sub-chunk by sub-chunk from the last (the
+    gate's gradient is a suffix sum), with the formulas of :func:`_chunk_dqk` per channel."""
+    dt = k.dtype.element_ty
+    ck = i_k * BK + tl.arange(0, BK)
+    cvf = tl.arange(0, BVF)
+    b_cl = _gate_before(g, bos, i_c, BT, Tn, i_h, ck, H, K, BT, ANTI)
+    b_carry = _chunk_term(term, i_t, i_h, ck, C, H, K, NTERM)
+    M = BT // SUB
+    for i in range(M):
+        m = M - 1 - i
+        s0 = i_c * BT + m * SUB
+        t, valid, b_k, c_m, b_m, e_m = _sub_chunk(k, g, bos, i_c, m, Tn, i_h, ck, H, K, BT, SUB, ANTI)
+        rows = bos + t
+        b_dk = tl.zeros([SUB, BK], dtype=tl.float32)
+        b_dq = tl.zeros([SUB, BK], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            cv = i_v * BV + tl.arange(0, BV)
+            b_dk += _dot_split(_tile(v + i_h * V, rows, valid, cv, V, H * V),
+                               tl.trans(_state_tile(dstates, i_t, i_h, ck, cv, H, K, V)), False)
+            if HAS_Q:
+                b_dq += _dot_split(_tile(do + i_h * V, rows, valid, cv, V, H * V),
+                                   tl.trans(_state_tile(states, i_t, i_h, ck, cv, H, K, V)), False)
+        b_dk *= tl.exp(b_cl[None, :] - c_m)
+        b_x = tl.zeros([SUB, BK], dtype=tl.float32)
+        if HAS_Q:
+            b_do = _tile(do + i_h * V, rows, valid, cvf, V, H * V)
+            b_v = _tile(v + i_h * V, rows, valid, cvf, V, H * V)
+            b_dq *= tl.exp(c_m)
+            b_acc = tl.zeros([SUB, BK], dtype=tl.float32)
+            for J in range(m):
+                t_J, valid_J, b_kJ, c_J, _, _ = _sub_chunk(k, g, bos, i_c, J, Tn, i_h, ck, H, K, BT, SUB, ANTI)
+                b_dA = _dot(b_do, tl.trans(_tile(v + i_h * V, bos + t_J, valid_J, cvf, V, H * V)))
+                b_acc += _dot(b_dA.to(dt), (b_kJ * tl.exp(b_m[None, :] - c_J)).to(dt))
+            b_dq += b_acc * tl.exp(c_m - b_m[None, :])
+            b_acc = tl.zeros([SUB, BK], dtype=tl.float32)
+            for I in range(m + 1, M):
+                t_I, valid_I, b_qI, c_I, _, _ = _sub_chunk(q, g, bos, i_c, I, Tn, i_h, ck, H, K, BT, SUB, ANTI)
+                b_dA = _dot(_tile(do + i_h * V, bos + t_I, valid_I, cvf, V, H * V), tl.trans(b_v))
+                b_acc += _dot(tl.trans(b_dA).to(dt), (b_qI * tl.exp(c_I - e_m[None, :])).to(dt))
+            b_dk += scale * b_acc * tl.exp(e_m[None, :] - c_m)
+            b_dA = tl.where(_keep(SUB, ANTI), _dot(b_do, tl.trans(b_v)), 0.0)
+            b_dq += _diag_from_keys(b_dA, k, g, c_m, b_m, bos, s0, Tn, i_h, ck, H, K, SUB, ANTI)
+            b_dk += scale * _diag_from_queries(b_dA, q, g, c_m, b_m, bos, s0, Tn, i_h, ck, H, K, SUB, ANTI)
+            b_dq *= scale
+            _store(dq + i_h * K, b_dq, rows, valid, ck, K, H * K)
+            b_x = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32) * b_dq
+        _store(dk + i_h * K, b_dk, rows, valid, ck, K, H * K)
+        b_x -= b_k * b_dk
+        _store_gate_grad(dG, b_carry[None, :] + _suffix(b_x), rows, t, valid, Tn, i_h, ck, H, K, 2, ANTI)
+        b_carry += tl.sum(b_x, 0)
+
+
+@triton.jit
+def _channel_dv(
+    q, k, g, dstates, do, dv, scale, bos, Tn, i_t, i_c, i_h, i_v,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    SUB: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr,
+):
+    """dv of one chunk for columns ``i_v``, per key sub-chunk ``m``: ``(k * exp(c_L - c)) dS'`` plus
+    ``scale * A^T do`` from the later sub-chunks (referenced at ``m``'s end) and the diagonal block."""
+    dt = k.dtype.element_ty
+    ck = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    b_cl = _gate_before(g, bos, i_c, BT, Tn, i_h, ck, H, K, BT, ANTI)
+    b_dS = _state_tile(dstates, i_t, i_h, ck, cv, H, K, V).to(dt)
+    M = BT // SUB
+    for m in range(M):
+        s0 = i_c * BT + m * SUB
+        t, valid, b_k, c_m, b_m, e_m = _sub_chunk(k, g, bos, i_c, m, Tn, i_h, ck, H, K, BT, SUB, ANTI)
+        rows = bos + t
+        b_dv = _dot((b_k * tl.exp(b_cl[None, :] - c_m)).to(dt), b_dS)
+        if HAS_Q:
+            b_kr = (b_k * tl.exp(e_m[None, :] - c_m)).to(dt)
+            b_acc = tl.zeros([SUB, BV], dtype=tl.float32)
+            for I in range(m + 1, M):
+                t_I, valid_I, b_qI, c_I, _, _ = _sub_chunk(q, g, bos, i_c, I, Tn, i_h, ck, H, K, BT, SUB, ANTI)
+                b_A = _dot((b_qI * tl.exp(c_I - e_m[None, :])).to(dt), tl.trans(b_kr))
+                b_acc += _dot(tl.trans(b_A).to(dt), _tile(do + i_h * V, bos + t_I, valid_I, cv, V, H * V))
+            b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+            b_A = _diag_scores(b_q, k, g, c_m, b_m, bos, s0, Tn, i_h, ck, H, K, SUB, ANTI)
+            b_acc += _dot(tl.trans(b_A).to(dt), _tile(do + i_h * V, rows, valid, cv, V, H * V))
+            b_dv += scale * b_acc
+        _store(dv + i_h * V, b_dv, rows, valid, cv, V, H * V)
+
+
 @triton.jit
 def _output_kernel(
     q, k, v, g, states, o, chunk_first, chunk_seq, cu_seqlens, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
+    SUB: tl.constexpr, GATE: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """``o = scale * [(q * exp(c)) S + A v]`` for chunk ``i_t``, head ``i_h``, columns ``i_v``;
     ``S`` is the state before the chunk."""
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
-    t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    rows = bos + t
-    dt = k.dtype.element_ty
     ck = tl.arange(0, BK)
     cv = i_v * BV + tl.arange(0, BV)
-    b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
-    b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K)
-    b_v = _tile(v + i_h * V, rows, valid, cv, V, H * V)
-    b_c = tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, GATE, ANTI), 0)
     b_S = _state_tile(states, i_t, i_h, ck, cv, H, K, V)
-    b_A = _scores(b_q, b_k, b_c, BT, GATE, ANTI)
-    b_o = _dot(_rows_times(b_q, tl.exp(b_c), GATE).to(dt), b_S.to(dt)) + _dot(b_A.to(dt), b_v)
-    _store(o + i_h * V, scale * b_o, rows, valid, cv, V, H * V)
+    if GATE == 2:
+        _channel_output(q, k, v, g, b_S, o, scale, bos, Tn, i_c, i_h, ck, cv, H, K, V, BT, SUB, ANTI)
+    else:
+        t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
+        rows = bos + t
+        dt = k.dtype.element_ty
+        b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
+        b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K)
+        b_v = _tile(v + i_h * V, rows, valid, cv, V, H * V)
+        b_c = tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, GATE, ANTI), 0)
+        b_A = _scores(b_q, b_k, b_c, BT, ANTI)
+        b_o = _dot((b_q * tl.exp(b_c)[:, None]).to(dt), b_S.to(dt)) + _dot(b_A.to(dt), b_v)
+        _store(o + i_h * V, scale * b_o, rows, valid, cv, V, H * V)
 
 
 @triton.jit
-def _gate_rows(dG, x, term, i_t, i_h, rows, t, valid, Tn, ck, C, H: tl.constexpr, K: tl.constexpr,
-               NTERM: tl.constexpr, GATE: tl.constexpr, ANTI: tl.constexpr):
-    """Stores the gradient of the gate each row read: the suffix sum over the chunk of
-    ``x = q * dq - k * dk`` (``[BT, BK]``; summed over channels for a per-head gate) plus the chunk's
-    ``<dS_after, S_after>`` (the ``NTERM`` slots of ``term``). The anticausal pass read ``g_{t+1}``."""
-    b_term = tl.zeros([x.shape[1]], dtype=tl.float32)
+def _chunk_term(term, i_t, i_h, ck, C, H: tl.constexpr, K: tl.constexpr, NTERM: tl.constexpr):
+    """``<dS', S'>`` of chunk ``i_t`` per state row ``ck``, from the ``NTERM`` slots of ``term``."""
+    out = tl.zeros(ck.shape, dtype=tl.float32)
     for s in tl.static_range(NTERM):
-        b_term += tl.load(term + ((s * C + i_t.to(tl.int64)) * H + i_h) * K + ck, mask=ck < K, other=0.0)
-    if GATE == 1:
-        x = tl.sum(x, 1)
-        b_term = tl.sum(b_term, 0)
-    y = b_term + tl.sum(x, 0) - tl.cumsum(x, 0) + x
+        out += tl.load(term + ((s * C + i_t.to(tl.int64)) * H + i_h) * K + ck, mask=ck < K, other=0.0)
+    return out
+
+
+@triton.jit
+def _suffix(x):
+    """``y_i = sum_{j >= i} x_j`` along the rows."""
+    return tl.sum(x, 0) - tl.cumsum(x, 0) + x
+
+
+@triton.jit
+def _store_gate_grad(dG, y, rows, t, valid, Tn, i_h, ck, H: tl.constexpr, K: tl.constexpr,
+                     GATE: tl.constexpr, ANTI: tl.constexpr):
+    """Stores the gradient of the gate each row read, ``y`` (``[rows]`` per head, ``[rows, len(ck)]``
+    per channel), at the gate's row: ``t + 1`` in the anticausal pass."""
     if ANTI:
         rows = rows + 1
         valid = valid & (t + 1 < Tn)
@@ -685,10 +852,9 @@ def _chunk_dqk(
         b_x = b_q.to(tl.float32) * b_dq
     _store(dk + i_h * K, b_dk, rows, valid, ck, K, H * K)
     if GATE:
-        b_x -= b_k.to(tl.float32) * b_dk
-        if GATE == 1:
-            dG += i_k * TG
-        _gate_rows(dG, b_x, term, i_t, i_h, rows, t, valid, Tn, ck, C, H, K, NTERM, GATE, ANTI)
+        b_x = tl.sum(b_x - b_k.to(tl.float32) * b_dk, 1)
+        b_y = tl.sum(_chunk_term(term, i_t, i_h, ck, C, H, K, NTERM), 0) + _suffix(b_x)
+        _store_gate_grad(dG + i_k * TG, b_y, rows, t, valid, Tn, i_h, ck, H, K, GATE, ANTI)
 
 
 @triton.jit
@@ -710,15 +876,15 @@ def _chunk_dv(
     if HAS_Q:
         b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
         b_do = _tile(do + i_h * V, rows, valid, cv, V, H * V)
-        b_dv += scale * _dot(tl.trans(_scores(b_q, b_k, b_c, BT, GATE, ANTI)).to(dt), b_do)
+        b_dv += scale * _dot(tl.trans(_scores(b_q, b_k, b_c, BT, ANTI)).to(dt), b_do)
     _store(dv + i_h * V, b_dv, rows, valid, cv, V, H * V)
 
 
 @triton.jit
 def _chunk_bwd_kernel(
     q, k, v, g, states, dstates, term, do, dq, dk, dv, dG, chunk_first, chunk_seq, cu_seqlens, scale, T, C, TG,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BKF: tl.constexpr, BVF: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, NTERM: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BVF: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, SUB: tl.constexpr, NK: tl.constexpr, NTERM: tl.constexpr,
     GATE: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """Programs ``[0, NK)`` of chunk ``i_t`` compute dq and dk (and the gate's gradient, into dG slot
@@ -727,7 +893,14 @@ def _chunk_bwd_kernel(
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    if role < NK:
+    if GATE == 2:
+        if role < NK:
+            _channel_dqk(q, k, v, g, states, dstates, term, do, dq, dk, dG, scale, bos, Tn, i_t, i_c, i_h, role, C,
+                         H, K, V, BT, BK, BV, BVF, SUB, NTERM, HAS_Q, ANTI)
+        else:
+            _channel_dv(q, k, g, dstates, do, dv, scale, bos, Tn, i_t, i_c, i_h, role - NK,
+                        H, K, V, BT, BKF, BV, SUB, HAS_Q, ANTI)
+    elif role < NK:
         _chunk_dqk(q, k, v, g, states, dstates, term, do, dq, dk, dG, scale, bos, Tn, i_t, i_h, t, valid, role, C, TG,
                    H, K, V, BT, BK, BV, NTERM, GATE, HAS_Q, ANTI)
     else:
@@ -797,7 +970,7 @@ def _outputs(q, k, v, g, states, chunks: _Chunks, scale: float, anticausal: bool
     o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
     _output_kernel[(triton.cdiv(V, BV), chunks.count, H)](
         q, k, v, g, states, o, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
-        H=H, K=K, V=V, BT=BT, BK=_pow2(K), BV=BV, GATE=_gate_kind(g), ANTI=anticausal,
+        H=H, K=K, V=V, BT=BT, BK=_pow2(K), BV=BV, SUB=SUB_CHUNK, GATE=_gate_kind(g), ANTI=anticausal,
         IS_VARLEN=chunks.cu_seqlens is not None, num_warps=PAR_WARPS, num_stages=PAR_STAGES,
     )
     return o
@@ -819,7 +992,7 @@ def _parallel_backward(q, k, v, g, h0, states, ht, do, dht, chunks: _Chunks, sca
     dG = torch.zeros(NK if gate == 1 else 1, B * T, H, KG, dtype=torch.float32, device=k.device) if gate else None
     _chunk_bwd_kernel[(NK + NV, chunks.count, H)](
         q, k, v, g, states, dstates, term, do, dq, dk, dv, dG, chunks.first, chunks.seq, chunks.cu_seqlens, scale,
-        chunks.T, chunks.count, B * T * H * KG, H=H, K=K, V=V, BT=BT, BKF=BKF, BVF=BVF, BK=BK, BV=BV, NK=NK,
+        chunks.T, chunks.count, B * T * H * KG, H=H, K=K, V=V, BT=BT, BKF=BKF, BVF=BVF, BK=BK, BV=BV, SUB=SUB_CHUNK, NK=NK,
         NTERM=0 if term is None else term.shape[0], GATE=gate, HAS_Q=q is not None, ANTI=anticausal,
         IS_VARLEN=chunks.cu_seqlens is not None, num_warps=PAR_WARPS, num_stages=PAR_STAGES,
     )
@@ -857,12 +1030,11 @@ def _walk_backward(q, k, v, g, h0, ht, do, dht, chunks: _Chunks, scale: float, a
     NK, NV = triton.cdiv(K, BKS), triton.cdiv(V, BVS)
     dq = torch.empty_like(q) if has_q else None
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    slots = (2 if has_q else 1) * (1 if gate == 2 else NK)
-    KG = K if gate == 2 else 1
-    dG = torch.empty(slots, rows, H, KG, dtype=torch.float32, device=k.device) if gate else None
+    slots = (2 if has_q else 1) * NK
+    dG = torch.empty(slots, rows, H, dtype=torch.float32, device=k.device) if gate else None
     cu = chunks.cu_seqlens
     _bwd_kernel[((2 * NK if has_q else NK) + NV, chunks.N * H)](
-        q, k, v, g, h0, do, dht, dq, dk, dv, dh0, dG, cu, scale, chunks.T, rows * H * KG,
+        q, k, v, g, h0, do, dht, dq, dk, dv, dh0, dG, cu, scale, chunks.T, rows * H,
         H=H, K=K, V=V, BT=BT, BKF=BKF, BVF=BVF, BKS=BKS, BVS=BVS, NK=NK, GATE=gate, HAS_Q=has_q,
         HAS_H0=h0 is not None, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, ANTI=anticausal,
         IS_VARLEN=cu is not None, num_warps=BWD_WARPS, num_stages=BWD_STAGES,
@@ -870,13 +1042,10 @@ def _walk_backward(q, k, v, g, h0, ht, do, dht, chunks: _Chunks, scale: float, a
     dg = None
     if gate:
         dg = torch.empty_like(g)
-        dlast = None
-        if dht is not None:
-            dlast = (dht * ht).sum(-1) if gate == 2 else (dht * ht).sum((-2, -1))[..., None]
-        BKG = min(_pow2(KG), 64)
-        _gate_grad_kernel[(chunks.N * H, triton.cdiv(KG, BKG))](
-            dG, dlast, dg, cu, chunks.T, rows * H * KG,
-            NP=slots, H=H, KG=KG, BT=64, BKG=BKG, HAS_LAST=dlast is not None, ANTI=anticausal, IS_VARLEN=cu is not None,
+        dlast = (dht * ht).sum((-2, -1)) if dht is not None else None
+        _gate_grad_kernel[(chunks.N * H,)](
+            dG, dlast, dg, cu, chunks.T, rows * H, NP=slots, H=H, BT=64, HAS_LAST=dlast is not None, ANTI=anticausal,
+            IS_VARLEN=cu is not None,
         )
     return dq, dk, dv, dg, (dh0.to(h0.dtype) if h0 is not None else None)
 
@@ -889,9 +1058,9 @@ class ChunkGLAFunction(torch.autograd.Function):
         H, K = k.shape[2:]
         V = v.shape[-1]
         gate = _gate_kind(g)
-        BT = CHANNEL_CHUNK if gate == 2 else chunk_size
+        BT = chunk_size
         chunks = _Chunks(k, cu_seqlens, BT)
-        walk = gate == 2 or chunks.N * H >= TARGET_PROGRAMS
+        walk = gate != 2 and chunks.N * H >= TARGET_PROGRAMS
         states = None
         if walk:
             o, ht = _walk_forward(q, k, v, g, h0, chunks, scale, anticausal, BT, output_final_state)
@@ -976,7 +1145,7 @@ def chunk_gla(
         output_final_state: also return the final states ``[N, H, K, V]`` (float32).
         anticausal: the exclusive backward pass; no initial or final state.
         cu_seqlens: ``[N + 1]`` int32/int64 offsets of packed sequences (``B = 1``).
-        chunk_size: 16, 32, 64 or 128 (per-channel gates always use 16).
+        chunk_size: 16, 32, 64 or 128.
 
     Returns ``o [B, T, H, V]`` in v's dtype (``None`` without q) and the final state or ``None``.
     Inputs are not checked beyond what the kernels need: the ops check them.

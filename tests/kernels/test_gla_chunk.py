@@ -1,6 +1,7 @@
 """Triton GLA kernels (run under the interpreter) = the float64 reference: outputs, final states
 and every gradient, per-head, per-channel and no gate, in every pattern, chunk-parallel (the default
-at these sizes: sequences x heads < TARGET_PROGRAMS) and as walks (``target_programs=1``), packed."""
+at these sizes: sequences x heads < TARGET_PROGRAMS) and as walks (``target_programs=1``, gate per
+head or none), packed; per-channel gates in chunks of 16 (one sub-chunk), 32 and 64 (sub-chunks of 16)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ for gate in ("none", "head", "channel"):
     for T in (1, 7, 33) + ((65,) if gate != "channel" else ()):
         CASES[f"CS-{gate}-T{T}"] = dict(op="gla", pattern="CS", gate=gate, T=T, dtype="float32", seed=T)
     for pattern in ("NS", "NC", "CC"):
-        T = 20 if gate == "channel" else 33  # per-channel kernels run one chunk of 16 at a time: slow here
+        T = 20 if gate == "channel" else 33  # per-channel scores take one key row at a time: slow here
         CASES[f"{pattern}-{gate}-T{T}"] = dict(op="gla", pattern=pattern, gate=gate, T=T, dtype="float32", seed=3)
-    # one program per sequence and head walks the chunks
+    if gate != "channel":
+        CASES[f"varlen-{gate}"] = dict(op="gla", pattern="CS", gate=gate, T=0, cu=[0, 1, 9, 80, 90], dtype="float32")
+for gate in ("none", "head"):  # one program per sequence and head walks the chunks
     CASES[f"CS-{gate}-walk"] = dict(op="gla", pattern="CS", gate=gate, T=80, dtype="float32", target_programs=1)
-    CASES[f"varlen-{gate}"] = dict(op="gla", pattern="CS", gate=gate, T=0, cu=[0, 1, 9, 80, 90], dtype="float32")
     CASES[f"varlen-{gate}-walk"] = dict(op="gla", pattern="CS", gate=gate, T=0, cu=[0, 1, 9, 80, 90], dtype="float32",
                                         target_programs=1)
 CASES["NS-head-walk"] = dict(op="gla", pattern="NS", gate="head", T=150, dtype="float32", target_programs=1)
@@ -26,8 +28,14 @@ CASES["CS-head-dims"] = dict(op="gla", pattern="CS", gate="head", T=40, K=32, V=
 # chunks of 64, two blocks of state rows and columns in every chunk-parallel kernel (tiles of 64)
 CASES["NS-head-blocks"] = dict(op="gla", pattern="NS", gate="head", T=150, K=80, V=72, chunk=64, dtype="float32")
 CASES["CS-none-blocks"] = dict(op="gla", pattern="CS", gate="none", T=150, K=72, V=80, chunk=64, dtype="float32")
+# per-channel sub-chunks: 4 in a chunk of 64; 2 in a chunk of 32, anticausal too; two blocks of rows and columns
+CASES["CS-channel-chunk64"] = dict(op="gla", pattern="CS", gate="channel", B=1, T=70, chunk=64, dtype="float32", seed=5)
+CASES["NS-channel-chunk32"] = dict(op="gla", pattern="NS", gate="channel", T=40, chunk=32, dtype="float32", seed=6)
+CASES["varlen-channel"] = dict(op="gla", pattern="CS", gate="channel", T=0, cu=[0, 1, 9, 45, 50], chunk=32, dtype="float32")
+CASES["CS-channel-blocks"] = dict(op="gla", pattern="CS", gate="channel", B=1, T=30, K=80, V=72, chunk=32, dtype="float32")
 CASES["CS-channel-dims"] = dict(op="gla", pattern="CS", gate="channel", T=24, K=24, V=16, dtype="float32")
 CASES["CS-head-fp16"] = dict(op="gla", pattern="CS", gate="head", T=65, dtype="float16")
+CASES["CS-channel-fp16"] = dict(op="gla", pattern="CS", gate="channel", B=1, T=40, chunk=32, dtype="float16")
 TOL = {"float32": 1e-5, "float16": 3e-3}
 
 
