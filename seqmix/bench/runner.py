@@ -114,6 +114,17 @@ def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(batch["input_ids"], context_ids=batch.get("context_ids"), mask=batch.get("mask"), context_mask=batch.get("context_mask"))
 
 
+def _scored(task: Any, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(logits, what they are scored against)``. Tasks scored token by token
+    (``task.scores_labelled_tokens``) get logits at their labelled positions only, ``[N, vocab]``
+    against ``labels[labels != IGNORE]``: the same loss and metrics, with the vocabulary-wide head
+    and cross-entropy on N positions instead of all (MQAR labels 1/16 to 1/8 of its tokens)."""
+    if not task.scores_labelled_tokens:
+        return _forward(model, batch), batch
+    labelled = batch["labels"] != task_lib.IGNORE
+    return model(batch["input_ids"], mask=batch.get("mask"), logits_at=labelled), {"labels": batch["labels"][labelled]}
+
+
 def _tokens(batch: dict[str, torch.Tensor]) -> int:
     return batch["input_ids"].numel() + (batch["context_ids"].numel() if "context_ids" in batch else 0)
 
@@ -149,8 +160,8 @@ def evaluate(
     for i in range(0, n, batch_size):
         batch = {k: v[i : i + batch_size] for k, v in data.items()}
         with autocast():
-            logits = _forward(model, batch)
-        for name, (s, c) in task.metrics(logits, batch).items():
+            logits, scored = (_forward(model, batch), batch) if distributed else _scored(task, model, batch)
+        for name, (s, c) in task.metrics(logits, scored).items():
             acc = sums.setdefault(name, [0.0, 0.0])
             acc[0] += float(s)
             acc[1] += float(c)
@@ -220,7 +231,7 @@ def _train(config: RunConfig, on_progress: Callable[[int, int, str], None] | Non
         model.train()
         with autocast(), SavedTensorBytes(param_ptrs) if step == 0 else contextlib.nullcontext() as saved:
             if P == 1:
-                loss = objective = task.loss(_forward(model, batch), batch)
+                loss = objective = task.loss(*_scored(task, model, batch))
             else:
                 objective, loss = parallel.token_loss(_forward(model, batch), batch["labels"])
         if step == 0:

@@ -134,10 +134,10 @@ class SequenceModel(nn.Module):
             raise ValueError(f"context_ids has batch {context_ids.shape[0]}, expected {input_ids.shape[0]} (as input_ids)")
         _check_mask("context_mask", context_mask, context_ids)
 
-    def _decode(self, x, mask, context=None, context_mask=None) -> torch.Tensor:
+    def _decode(self, x, mask, context=None, context_mask=None, logits_at=None) -> torch.Tensor:
         for block in self.blocks:
             x = block(x, mask=mask, context=context, context_mask=context_mask)
-        return self.head(self.norm(x))
+        return self.head(self.norm(x if logits_at is None else x[logits_at]))
 
 
 class DecoderLM(SequenceModel):
@@ -145,9 +145,12 @@ class DecoderLM(SequenceModel):
 
     kind = "decoder_lm"
 
-    def forward(self, input_ids, *, context_ids=None, mask=None, context_mask=None) -> torch.Tensor:
+    def forward(self, input_ids, *, context_ids=None, mask=None, context_mask=None, logits_at=None) -> torch.Tensor:
+        """``logits_at [B, T]`` (bool): the logits of those positions only, ``[N, vocab]`` in
+        row-major order, e.g. where a task has labels (the head's cost falls with them)."""
         self._check_inputs(input_ids, context_ids, mask, context_mask)
-        return self._decode(self.embed(input_ids), mask)  # (B, T, vocab)
+        _check_mask("logits_at", logits_at, input_ids)
+        return self._decode(self.embed(input_ids), mask, logits_at=logits_at)  # (B, T, vocab) or (N, vocab)
 
     def generate(
         self,

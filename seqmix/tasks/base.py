@@ -43,6 +43,9 @@ class Task:
     metric: ClassVar[str] = "accuracy"  # the headline metric
     higher_is_better: ClassVar[bool] = True  # of the headline metric
     num_classes: ClassVar[int | None] = None
+    # Loss and metrics are the base ones, sums over labelled tokens taken one at a time: the runner
+    # may then compute logits at the labelled positions only (``decoder_lm``'s ``logits_at``).
+    scores_labelled_tokens: ClassVar[bool] = False
     vocab_size: int
     seq_len: int
 

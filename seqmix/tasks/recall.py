@@ -53,6 +53,7 @@ class MQAR(Task):
     name = "mqar"
     pattern = Pattern.CAUSAL_SELF
     model = "decoder_lm"
+    scores_labelled_tokens = True
 
     seq_len: int = 64
     num_kv_pairs: int = 4
@@ -103,6 +104,7 @@ class Induction(Task):
     name = "induction"
     pattern = Pattern.CAUSAL_SELF
     model = "decoder_lm"
+    scores_labelled_tokens = True
 
     seq_len: int = 256
     vocab_size: int = 16
@@ -143,6 +145,7 @@ class SelectiveCopy(Task):
     name = "selective_copy"
     pattern = Pattern.CAUSAL_SELF
     model = "decoder_lm"
+    scores_labelled_tokens = True
 
     seq_len: int = 256
     num_tokens: int = 16

@@ -27,6 +27,7 @@ class Shift:
     model = "decoder_lm"
     metric = "accuracy"
     higher_is_better = True
+    scores_labelled_tokens = False
     num_classes = None
 
     def make_split(self, split: str, n: int, seed: int) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from seqmix.bench.config import RunConfig
-from seqmix.bench.runner import SavedTensorBytes, _optimizer, build, train
+from seqmix.bench.runner import SavedTensorBytes, _forward, _optimizer, _scored, build, train
 from seqmix.models import count_parameters
 from tests.bench.conftest import TINY
 
@@ -20,6 +20,19 @@ def test_two_steps_end_to_end_on_a_real_task():
     assert d["backends"] == ["gla:auto"] and d["memory_measure"].startswith("cpu estimate")
     assert result.peak_memory_bytes > 4 * 4 * result.params  # the model state plus what backward needs
     assert train(config).metrics == result.metrics  # seeded: the same run gives the same numbers
+
+
+def test_labelled_positions_only_scores_as_the_full_logits():
+    config = RunConfig(task="mqar", mixer="gla", task_options={"seq_len": 16, "num_kv_pairs": 2, "vocab_size": 32}, **TINY)
+    task, model = build(config)
+    assert task.scores_labelled_tokens
+    batch = task.make_split("train", 4, 0)
+    logits, scored = _scored(task, model, batch)
+    assert logits.shape == (4 * 2, 32)  # two labelled queries per sequence
+    full = _forward(model, batch)
+    torch.testing.assert_close(task.loss(logits, scored), task.loss(full, batch))
+    for name, (total, count) in task.metrics(full, batch).items():
+        assert task.metrics(logits, scored)[name] == (pytest.approx(total), count), name
 
 
 def test_early_stop_at_the_target_and_threads_restored(fake_tasks):

@@ -124,6 +124,17 @@ def test_parameter_counts():
     assert count_parameters(build("encoder_decoder")) == embed_head_norm + d + L * (softmax + mlp + norms) + L * cross_block
 
 
+def test_decoder_lm_logits_at_selects_positions():
+    model = build("decoder_lm")
+    ids, _ = inputs("decoder_lm")
+    at = torch.rand(B, T) < 0.3
+    at[0, 0] = True
+    full = model(ids)
+    torch.testing.assert_close(model(ids, logits_at=at), full[at], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="logits_at must be a bool tensor of shape"):
+        model(ids, logits_at=at[:, :2])
+
+
 @pytest.mark.parametrize("mixer", ["softmax", "hyena", ["linear", "softmax"]], ids=["softmax", "hyena", "hybrid"])
 def test_decoder_lm_is_causal(mixer):
     model = build("decoder_lm", mixer)
