@@ -41,7 +41,8 @@ sequences (an exclusive prefix sum for the anticausal pass), so the state reads 
 feed it keep about 16 bits: a float32 operand of a bf16/fp16 product is split into a high and a low
 part (float32 inputs use ``tf32x3``). The chunk-parallel form sums only inside each chunk: the
 rest of the suffix is ``<dS', S'>``, the gradient of the state after the chunk with that state
-(summed over columns), so rounding errors do not add up along the sequence.
+(summed over columns; from the chunk's own state and keys, see :func:`_chunk_term`), so rounding
+errors do not add up along the sequence.
 
 Layout ``[B, T, H, D]`` as the ops; ``cu_seqlens [N + 1]`` packs ``N`` sequences into ``B = 1``.
 """
@@ -476,19 +477,17 @@ def _state_tile(p, i_t, i_h, rows, cols, H: tl.constexpr, K: tl.constexpr, V: tl
 
 @triton.jit
 def _states_kernel(
-    x, y, g, s0, states, final, fwd_states, fwd_final, term, chunk_first, cu_seqlens, scale, T, C,
+    x, y, g, s0, states, final, chunk_first, cu_seqlens, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, HAS_X: tl.constexpr, HAS_S0: tl.constexpr, REVERSE: tl.constexpr, STORE_STATES: tl.constexpr,
-    TERM: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
+    ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """The inter-chunk recurrence of sequence ``i_n``, rows ``i_k`` and columns ``i_v`` of the state.
 
     Walks the chunks (last first if ``REVERSE``) from ``S = s0`` (or 0); at each chunk stores
     ``states[chunk] = S`` (if ``STORE_STATES``), then ``S <- diag(exp(c_L)) S + scale * (x * w)^T y`` with
     ``w = exp(c_L - c)`` (forward: the state before each chunk) or ``w = exp(c)`` (``REVERSE``: the
-    gradient of the state after each chunk, ``x, y = q, do``); ``final[i_n] = S``. ``TERM`` also
-    stores ``term[i_v, chunk] = sum_v S * S_after`` per state row, ``S_after`` being the forward
-    state after the chunk (``fwd_states[chunk + 1]``, or ``fwd_final`` for the last chunk)."""
+    gradient of the state after each chunk, ``x, y = q, do``); ``final[i_n] = S``."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
@@ -514,11 +513,6 @@ def _states_kernel(
         at = ((first + i_c) * H + i_h) * K * V + offs
         if STORE_STATES:
             tl.store(states + at, b_S, mask=mask)
-        if TERM:
-            has_next = (tl.zeros([BK, BV], dtype=tl.int32) + i_c + 1) < NT
-            b_after = tl.load(fwd_states + at + H * K * V, mask=mask & has_next, other=0.0)
-            b_after += tl.load(fwd_final + i_nh.to(tl.int64) * K * V + offs, mask=mask & ~has_next, other=0.0)
-            tl.store(term + ((i_v * C + first + i_c) * H + i_h) * K + ck, tl.sum(b_S * b_after, 1), mask=ck < K)
         b_S = _decayed(b_S, b_cl, GATE)
         if HAS_X:
             if REVERSE:
@@ -663,18 +657,36 @@ def _channel_output(q, k, v, g, S, o, scale, bos, Tn, i_c, i_h, ck, cv,
 
 
 @triton.jit
+def _channel_term(k, v, g, states, dstates, bos, Tn, i_t, i_c, i_h, ck, H: tl.constexpr, K: tl.constexpr,
+                  V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, ANTI: tl.constexpr):
+    """The chunk's gate total ``c_L`` and ``<dS', S'>`` (:func:`_chunk_term`) for channels ``ck``."""
+    t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
+    rows = bos + t
+    b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI)
+    b_cl = tl.sum(b_g, 0)
+    b_dk = tl.zeros([BT, ck.shape[0]], dtype=tl.float32)
+    b_SdS = tl.zeros(ck.shape, dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        cv = i_v * BV + tl.arange(0, BV)
+        b_dS = _state_tile(dstates, i_t, i_h, ck, cv, H, K, V)
+        b_SdS += tl.sum(_state_tile(states, i_t, i_h, ck, cv, H, K, V) * b_dS, 1)
+        b_dk += _dot_split(_tile(v + i_h * V, rows, valid, cv, V, H * V), tl.trans(b_dS), False)
+    b_dk *= tl.exp(b_cl[None, :] - tl.cumsum(b_g, 0))
+    return b_cl, _chunk_term(b_SdS, b_cl, _tile(k + i_h * K, rows, valid, ck, K, H * K), b_dk)
+
+
+@triton.jit
 def _channel_dqk(
-    q, k, v, g, states, dstates, term, do, dq, dk, dG, scale, bos, Tn, i_t, i_c, i_h, i_k, C,
+    q, k, v, g, states, dstates, do, dq, dk, dG, scale, bos, Tn, i_t, i_c, i_h, i_k,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BVF: tl.constexpr, SUB: tl.constexpr, NTERM: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr,
+    BVF: tl.constexpr, SUB: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr,
 ):
     """dq, dk and dg of one chunk for channels ``i_k``, sub-chunk by sub-chunk from the last (the
     gate's gradient is a suffix sum), with the formulas of :func:`_chunk_dqk` per channel."""
     dt = k.dtype.element_ty
     ck = i_k * BK + tl.arange(0, BK)
     cvf = tl.arange(0, BVF)
-    b_cl = _gate_before(g, bos, i_c, BT, Tn, i_h, ck, H, K, BT, ANTI)
-    b_carry = _chunk_term(term, i_t, i_h, ck, C, H, K, NTERM)
+    b_cl, b_carry = _channel_term(k, v, g, states, dstates, bos, Tn, i_t, i_c, i_h, ck, H, K, V, BT, BV, ANTI)
     M = BT // SUB
     for i in range(M):
         m = M - 1 - i
@@ -783,12 +795,11 @@ def _output_kernel(
 
 
 @triton.jit
-def _chunk_term(term, i_t, i_h, ck, C, H: tl.constexpr, K: tl.constexpr, NTERM: tl.constexpr):
-    """``<dS', S'>`` of chunk ``i_t`` per state row ``ck``, from the ``NTERM`` slots of ``term``."""
-    out = tl.zeros(ck.shape, dtype=tl.float32)
-    for s in tl.static_range(NTERM):
-        out += tl.load(term + ((s * C + i_t.to(tl.int64)) * H + i_h) * K + ck, mask=ck < K, other=0.0)
-    return out
+def _chunk_term(SdS, cl, k, dk_state):
+    """``<dS', S'>`` per state row, the gradient of the state after the chunk with that state:
+    ``S' = diag(exp(c_L)) S + (k * exp(c_L - c))^T v`` gives ``exp(c_L) SdS + sum_j k_j * dk_j``, with
+    ``SdS = sum_v S * dS'`` per row and ``dk = (v dS'^T) * exp(c_L - c)`` (fp32 ``[BT, BK]``)."""
+    return tl.exp(cl) * SdS + tl.sum(k.to(tl.float32) * dk_state, 0)
 
 
 @triton.jit
@@ -813,9 +824,9 @@ def _store_gate_grad(dG, y, rows, t, valid, Tn, i_h, ck, H: tl.constexpr, K: tl.
 
 @triton.jit
 def _chunk_dqk(
-    q, k, v, g, states, dstates, term, do, dq, dk, dG, scale, bos, Tn, i_t, i_h, t, valid, i_k, C, TG,
+    q, k, v, g, states, dstates, do, dq, dk, dG, scale, bos, Tn, i_t, i_h, t, valid, i_k, TG,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    NTERM: tl.constexpr, GATE: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr,
+    GATE: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr,
 ):
     """dq, dk (and the gate's gradient) of one chunk for state rows ``i_k``::
 
@@ -833,15 +844,23 @@ def _chunk_dqk(
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    b_SdS = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         cv = i_v * BV + tl.arange(0, BV)
         b_v = _tile(v + i_h * V, rows, valid, cv, V, H * V)
-        b_dk += _dot_split(b_v, tl.trans(_state_tile(dstates, i_t, i_h, ck, cv, H, K, V)), False)
+        b_dS = _state_tile(dstates, i_t, i_h, ck, cv, H, K, V)
+        b_dk += _dot_split(b_v, tl.trans(b_dS), False)
+        if HAS_Q or GATE:
+            b_S = _state_tile(states, i_t, i_h, ck, cv, H, K, V)
+        if GATE:
+            b_SdS += tl.sum(b_S * b_dS, 1)
         if HAS_Q:
             b_do = _tile(do + i_h * V, rows, valid, cv, V, H * V)
-            b_dq += _dot_split(b_do, tl.trans(_state_tile(states, i_t, i_h, ck, cv, H, K, V)), False)
+            b_dq += _dot_split(b_do, tl.trans(b_S), False)
             b_dA += _dot(b_do, tl.trans(b_v))
     b_dk = _rows_times(b_dk, tl.exp(_to_end(b_c, b_cl, GATE)), GATE)
+    if GATE:
+        b_term = tl.sum(_chunk_term(b_SdS, b_cl, b_k, b_dk), 0)
     b_x = tl.zeros([BT, BK], dtype=tl.float32)
     if HAS_Q:
         b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
@@ -853,7 +872,7 @@ def _chunk_dqk(
     _store(dk + i_h * K, b_dk, rows, valid, ck, K, H * K)
     if GATE:
         b_x = tl.sum(b_x - b_k.to(tl.float32) * b_dk, 1)
-        b_y = tl.sum(_chunk_term(term, i_t, i_h, ck, C, H, K, NTERM), 0) + _suffix(b_x)
+        b_y = b_term + _suffix(b_x)
         _store_gate_grad(dG + i_k * TG, b_y, rows, t, valid, Tn, i_h, ck, H, K, GATE, ANTI)
 
 
@@ -882,9 +901,9 @@ def _chunk_dv(
 
 @triton.jit
 def _chunk_bwd_kernel(
-    q, k, v, g, states, dstates, term, do, dq, dk, dv, dG, chunk_first, chunk_seq, cu_seqlens, scale, T, C, TG,
+    q, k, v, g, states, dstates, do, dq, dk, dv, dG, chunk_first, chunk_seq, cu_seqlens, scale, T, TG,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BVF: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, SUB: tl.constexpr, NK: tl.constexpr, NTERM: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, SUB: tl.constexpr, NK: tl.constexpr,
     GATE: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """Programs ``[0, NK)`` of chunk ``i_t`` compute dq and dk (and the gate's gradient, into dG slot
@@ -895,14 +914,14 @@ def _chunk_bwd_kernel(
     t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
     if GATE == 2:
         if role < NK:
-            _channel_dqk(q, k, v, g, states, dstates, term, do, dq, dk, dG, scale, bos, Tn, i_t, i_c, i_h, role, C,
-                         H, K, V, BT, BK, BV, BVF, SUB, NTERM, HAS_Q, ANTI)
+            _channel_dqk(q, k, v, g, states, dstates, do, dq, dk, dG, scale, bos, Tn, i_t, i_c, i_h, role,
+                         H, K, V, BT, BK, BV, BVF, SUB, HAS_Q, ANTI)
         else:
             _channel_dv(q, k, g, dstates, do, dv, scale, bos, Tn, i_t, i_c, i_h, role - NK,
                         H, K, V, BT, BKF, BV, SUB, HAS_Q, ANTI)
     elif role < NK:
-        _chunk_dqk(q, k, v, g, states, dstates, term, do, dq, dk, dG, scale, bos, Tn, i_t, i_h, t, valid, role, C, TG,
-                   H, K, V, BT, BK, BV, NTERM, GATE, HAS_Q, ANTI)
+        _chunk_dqk(q, k, v, g, states, dstates, do, dq, dk, dG, scale, bos, Tn, i_t, i_h, t, valid, role, TG,
+                   H, K, V, BT, BK, BV, GATE, HAS_Q, ANTI)
     else:
         _chunk_dv(q, k, g, dstates, do, dv, scale, bos, Tn, i_t, i_h, t, valid, role - NK,
                   H, K, V, BT, BKF, BV, GATE, HAS_Q, ANTI)
@@ -941,25 +960,21 @@ class _Chunks:
 
 
 def _states(x, y, g, s0, chunks: _Chunks, dims: tuple[int, int, int], scale: float, anticausal: bool, BT: int,
-            store_states: bool = True, after: tuple[Tensor, Tensor] | None = None):
-    """``_states_kernel`` over every sequence, float32: ``(states [C, H, K, V] or None, final [N, H, K, V],
-    term [NV, C, H, K] or None)``; forward states with ``after=None``, else state gradients, with
-    the gate's chunk terms when ``after = (states, final)`` of the forward and there is a gate."""
+            reverse: bool = False, store_states: bool = True) -> tuple[Tensor | None, Tensor]:
+    """``_states_kernel`` over every sequence, float32: ``(states [C, H, K, V] or None, final [N, H, K, V])``;
+    the states before each chunk, or with ``reverse`` the gradients of the states after each chunk."""
     H, K, V = dims
     BK, BV = min(_pow2(K), STATE_BK), min(_pow2(V), STATE_BV)
-    NV = triton.cdiv(V, BV)
     f32 = dict(dtype=torch.float32, device=(x if x is not None else y if y is not None else s0).device)
     states = torch.empty(chunks.count, H, K, V, **f32) if store_states else None
     final = torch.empty(chunks.N, H, K, V, **f32)
-    term = torch.empty(NV, chunks.count, H, K, **f32) if after is not None and g is not None else None
-    fwd_states, fwd_final = after if after is not None else (None, None)
-    _states_kernel[(triton.cdiv(K, BK), NV, chunks.N * H)](
-        x, y, g, s0, states, final, fwd_states, fwd_final, term, chunks.first, chunks.cu_seqlens, scale, chunks.T,
-        chunks.count, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=_gate_kind(g), HAS_X=x is not None,
-        HAS_S0=s0 is not None, REVERSE=after is not None, STORE_STATES=store_states, TERM=term is not None,
-        ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None, num_warps=STATE_WARPS, num_stages=STATE_STAGES,
+    _states_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), chunks.N * H)](
+        x, y, g, s0, states, final, chunks.first, chunks.cu_seqlens, scale, chunks.T,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=_gate_kind(g), HAS_X=x is not None, HAS_S0=s0 is not None,
+        REVERSE=reverse, STORE_STATES=store_states, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None,
+        num_warps=STATE_WARPS, num_stages=STATE_STAGES,
     )
-    return states, final, term
+    return states, final
 
 
 def _outputs(q, k, v, g, states, chunks: _Chunks, scale: float, anticausal: bool, BT: int) -> Tensor:
@@ -976,13 +991,13 @@ def _outputs(q, k, v, g, states, chunks: _Chunks, scale: float, anticausal: bool
     return o
 
 
-def _parallel_backward(q, k, v, g, h0, states, ht, do, dht, chunks: _Chunks, scale: float, anticausal: bool, BT: int):
+def _parallel_backward(q, k, v, g, h0, states, do, dht, chunks: _Chunks, scale: float, anticausal: bool, BT: int):
     """dq, dk, dv, dg, dh0 of the chunk-parallel form: state gradients per chunk from one reverse
     pass, then every chunk at once."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     gate = _gate_kind(g)
-    dstates, dh0, term = _states(q, do, g, dht, chunks, (H, K, V), scale, anticausal, BT, after=(states, ht))
+    dstates, dh0 = _states(q, do, g, dht, chunks, (H, K, V), scale, anticausal, BT, reverse=True)
     BKF, BVF = _pow2(K), _pow2(V)
     BK, BV = min(BKF, PAR_BK), min(BVF, PAR_BV)
     NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
@@ -991,9 +1006,9 @@ def _parallel_backward(q, k, v, g, h0, states, ht, do, dht, chunks: _Chunks, sca
     KG = K if gate == 2 else 1
     dG = torch.zeros(NK if gate == 1 else 1, B * T, H, KG, dtype=torch.float32, device=k.device) if gate else None
     _chunk_bwd_kernel[(NK + NV, chunks.count, H)](
-        q, k, v, g, states, dstates, term, do, dq, dk, dv, dG, chunks.first, chunks.seq, chunks.cu_seqlens, scale,
-        chunks.T, chunks.count, B * T * H * KG, H=H, K=K, V=V, BT=BT, BKF=BKF, BVF=BVF, BK=BK, BV=BV, SUB=SUB_CHUNK, NK=NK,
-        NTERM=0 if term is None else term.shape[0], GATE=gate, HAS_Q=q is not None, ANTI=anticausal,
+        q, k, v, g, states, dstates, do, dq, dk, dv, dG, chunks.first, chunks.seq, chunks.cu_seqlens, scale,
+        chunks.T, B * T * H * KG, H=H, K=K, V=V, BT=BT, BKF=BKF, BVF=BVF, BK=BK, BV=BV, SUB=SUB_CHUNK, NK=NK,
+        GATE=gate, HAS_Q=q is not None, ANTI=anticausal,
         IS_VARLEN=chunks.cu_seqlens is not None, num_warps=PAR_WARPS, num_stages=PAR_STAGES,
     )
     dg = dG.sum(0).reshape(g.shape).to(g.dtype) if gate else None
@@ -1065,7 +1080,7 @@ class ChunkGLAFunction(torch.autograd.Function):
         if walk:
             o, ht = _walk_forward(q, k, v, g, h0, chunks, scale, anticausal, BT, output_final_state)
         else:
-            states, ht, _ = _states(k, v, g, h0, chunks, (H, K, V), 1.0, anticausal, BT)
+            states, ht = _states(k, v, g, h0, chunks, (H, K, V), 1.0, anticausal, BT)
             o = _outputs(q, k, v, g, states, chunks, scale, anticausal, BT) if q is not None else None
         ctx.save_for_backward(q, k, v, g, h0, ht, states)
         ctx.chunks, ctx.scale, ctx.anticausal, ctx.BT, ctx.walk = chunks, scale, anticausal, BT, walk
@@ -1080,7 +1095,7 @@ class ChunkGLAFunction(torch.autograd.Function):
         do = do.contiguous() if q is not None else None
         dht = dht.contiguous() if dht is not None else None
         backward = _walk_backward if ctx.walk else _parallel_backward
-        args = (q, k, v, g, h0, ht, do, dht) if ctx.walk else (q, k, v, g, h0, states, ht, do, dht)
+        args = (q, k, v, g, h0, ht, do, dht) if ctx.walk else (q, k, v, g, h0, states, do, dht)
         dq, dk, dv, dg, dh0 = backward(*args, ctx.chunks, ctx.scale, ctx.anticausal, ctx.BT)
         return dq, dk, dv, dg, dh0, None, None, None, None, None
 
@@ -1100,7 +1115,7 @@ class ReadStateFunction(torch.autograd.Function):
         do = do.contiguous()
         dq = _read(do, S, ctx.scale, trans=True)
         H, K, V = S.shape[1:]
-        _, dS, _ = _states(q, do, None, None, _Chunks(q, None, 64), (H, K, V), ctx.scale, False, 64, store_states=False)
+        _, dS = _states(q, do, None, None, _Chunks(q, None, 64), (H, K, V), ctx.scale, False, 64, store_states=False)
         return dq, dS.to(S.dtype), None
 
 
