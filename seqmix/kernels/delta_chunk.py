@@ -1,9 +1,19 @@
-"""The (gated) delta rule's recurrence across chunks in Triton, forward and backward.
+"""The chunked (gated) delta rule in Triton: each chunk's WY/UT parts, and the recurrence across
+chunks, forward and backward (the math of :func:`seqmix.ops.delta._chunked_scan`).
 
-The within-chunk parts are parallel over chunks and come from :func:`seqmix.ops.delta._within_chunks`
-(the WY/UT form). Per sequence and head, chunk ``n`` of ``C`` tokens has ``W_n [C, K]``,
-pseudo-values ``U0_n [C, V]``, keys decayed to the chunk's end ``E_n [C, K]`` and the chunk's
-decay ``gamma_n`` (``exp`` of its summed log gates). From the initial state ``S_0 [K, V]``::
+Within chunks (:func:`solve_chunks`, one program per chunk and head). Chunk ``n`` of ``C`` tokens
+has keys ``K [C, K]``, values ``V [C, V]``, writing strengths ``beta``, log gates ``g`` and their
+cumsum ``G`` inside the chunk (``G_C`` its total)::
+
+    A   = strictly_lower(diag(beta) (K K^T) * exp(G_i - G_j)),    T = (I + A)^{-1}
+    W   = T diag(beta exp(G)) K,    U0 = T diag(beta) V,    E = diag(exp(G_C - G)) K,    gamma = exp(G_C)
+
+``T`` comes from forward substitution over rows (``T_i = e_i - sum_{j < i} A_ij T_j``) and is kept
+for the backward, which with ``X = W`` or ``U0`` and ``R`` its right-hand side uses
+``dR = T^T dX`` and ``dA = -strictly_lower(sum_X dR X^T)``, then the products' rules down to
+``dk, dv, dbeta`` and ``dG``, whose suffix sum within the chunk is ``dg``.
+
+Across chunks (:func:`across_chunks`). From the initial state ``S_0 [K, V]``::
 
     U_n     = U0_n - W_n S_n                   (the chunk's pseudo-values)
     S_{n+1} = gamma_n S_n + E_n^T U_n
@@ -21,9 +31,10 @@ in reverse with the state gradient ``dS`` in registers (``dS = dS_{n+1}`` on ent
 One program owns a block of state columns of one sequence and head. ``dW``, ``dE`` and
 ``dgamma`` sum over all columns: each column block writes its own slot, summed afterwards.
 
-Layout: chunk-major ``[B, H, N, C, D]`` (contiguous), ``gamma [B, H, N]``, states ``[B, H, N, K, V]``
-float32. Packed sequences (``chunk_offsets [N_seq + 1]``, ``B = 1``) occupy whole chunks:
-sequence ``i`` owns chunks ``[chunk_offsets[i], chunk_offsets[i + 1])``.
+Layout: inputs ``[B, S, H, D]`` as the ops; chunk-major ``[B, H, N, C, D]`` (contiguous) for
+``W, U0, E``, ``gamma [B, H, N]``, states ``[B, H, N, K, V]`` float32. Packed sequences
+(``chunk_offsets [N_seq + 1]``, ``B = 1``) occupy whole chunks: sequence ``i`` owns chunks
+``[chunk_offsets[i], chunk_offsets[i + 1])``.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from torch import Tensor
 FWD_BV, BWD_BV = 64, 32
 NUM_WARPS = 4
 FWD_STAGES, BWD_STAGES = 2, 1
+SOLVE_WARPS = 8
 
 
 @triton.jit
@@ -134,6 +146,187 @@ def _bwd_kernel(
         if HAS_DSTATES:
             b_dS += _load(dstates, idx, K, V, ck, cv)
     _store(dh0, i_nh.to(tl.int64), K, V, ck, cv, b_dS)
+
+
+# ----------------------------------------------------------------------------- within chunks
+
+
+@triton.jit
+def _chunk_rows(p, i_b, i_c, S, i_h, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr):
+    """Chunk ``i_c`` of batch ``i_b``, head ``i_h`` of a ``[B, S, H, D]`` tensor: ``[C, BD]`` float32, zeros outside."""
+    t = i_c * C + tl.arange(0, C)
+    cd = tl.arange(0, BD)
+    p = p + (i_b.to(tl.int64) * S + t[:, None]) * (H * D) + i_h * D + cd[None, :]
+    return tl.load(p, mask=(t < S)[:, None] & (cd < D)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(p, x, i_b, i_c, S, i_h, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr):
+    t = i_c * C + tl.arange(0, C)
+    cd = tl.arange(0, BD)
+    p = p + (i_b.to(tl.int64) * S + t[:, None]) * (H * D) + i_h * D + cd[None, :]
+    tl.store(p, x.to(p.dtype.element_ty), mask=(t < S)[:, None] & (cd < D)[None, :])
+
+
+@triton.jit
+def _chunk_gate(p, i_b, i_c, S, i_h, H: tl.constexpr, C: tl.constexpr):
+    """``[C]`` float32 of a ``[B, S, H]`` tensor (zeros past ``S``) and the row offsets."""
+    t = i_c * C + tl.arange(0, C)
+    offs = (i_b.to(tl.int64) * S + t) * H + i_h
+    return tl.load(p + offs, mask=t < S, other=0.0).to(tl.float32), offs, t < S
+
+
+@triton.jit
+def _mm(a, b, PRECISE: tl.constexpr):
+    """``a @ b`` of float32 tiles: to float32 accuracy (``tf32x3``) if ``PRECISE``, else one tf32 pass."""
+    if PRECISE:
+        out = tl.dot(a, b, input_precision="tf32x3")
+    else:
+        out = tl.dot(a, b, input_precision="tf32")
+    return out
+
+
+@triton.jit
+def _strict_decay(G, C: tl.constexpr):
+    """``exp(G_i - G_j)`` for ``j < i``, else 0."""
+    r = tl.arange(0, C)
+    return tl.exp(tl.where(r[:, None] > r[None, :], G[:, None] - G[None, :], float("-inf")))
+
+
+@triton.jit
+def _unit_lower_inverse(A, C: tl.constexpr):
+    """``(I + A)^{-1}`` of a strictly lower ``A [C, C]`` by forward substitution over rows:
+    ``T_i = e_i - sum_{j < i} A_ij T_j``."""
+    r = tl.arange(0, C)
+    Tm = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+    for i in range(1, C):
+        a_i = tl.sum(tl.where((r == i)[:, None], A, 0.0), 0)  # row i of A, zero from column i on
+        Tm = tl.where((r == i)[:, None], Tm - tl.sum(a_i[:, None] * Tm, 0)[None, :], Tm)
+    return Tm
+
+
+@triton.jit
+def _solve_fwd_kernel(
+    k, v, beta, g, w, u0, e, gamma, tinv, S, N,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PRECISE: tl.constexpr,
+):
+    """Chunk ``i_c`` of batch and head ``i_bh``: ``T = (I + A)^{-1}``, ``W``, ``U0``, ``E``, ``gamma``."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    idx = i_bh.to(tl.int64) * N + i_c
+    rc, ck, cv = tl.arange(0, C), tl.arange(0, BK), tl.arange(0, BV)
+    b_k = _chunk_rows(k, i_b, i_c, S, i_h, H, K, C, BK)
+    b_v = _chunk_rows(v, i_b, i_c, S, i_h, H, V, C, BV)
+    b_beta, _, _ = _chunk_gate(beta, i_b, i_c, S, i_h, H, C)
+    b_g, _, _ = _chunk_gate(g, i_b, i_c, S, i_h, H, C)
+    b_G = tl.cumsum(b_g, 0)
+    b_GC = tl.sum(b_g, 0)
+    b_A = _mm(b_k, tl.trans(b_k), PRECISE) * b_beta[:, None] * _strict_decay(b_G, C)
+    b_T = _unit_lower_inverse(b_A, C)
+    _store(tinv, idx, C, C, rc, rc, b_T)
+    _store(w, idx, C, K, rc, ck, _mm(b_T, b_k * (b_beta * tl.exp(b_G))[:, None], PRECISE))
+    _store(u0, idx, C, V, rc, cv, _mm(b_T, b_v * b_beta[:, None], PRECISE))
+    _store(e, idx, C, K, rc, ck, b_k * tl.exp(b_GC - b_G)[:, None])
+    tl.store(gamma + idx, tl.exp(b_GC))
+
+
+@triton.jit
+def _solve_bwd_kernel(
+    k, v, beta, g, tinv, dw, du0, de, dgamma, dk, dv, dbeta, dg, S, N,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PRECISE: tl.constexpr,
+):
+    """Gradients of chunk ``i_c``'s keys, values, betas and log gates from those of ``W, U0, E, gamma``
+    (the module docstring's chain rule through ``T``)."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    idx = i_bh.to(tl.int64) * N + i_c
+    rc, ck, cv = tl.arange(0, C), tl.arange(0, BK), tl.arange(0, BV)
+    b_k = _chunk_rows(k, i_b, i_c, S, i_h, H, K, C, BK)
+    b_v = _chunk_rows(v, i_b, i_c, S, i_h, H, V, C, BV)
+    b_beta, offs, valid = _chunk_gate(beta, i_b, i_c, S, i_h, H, C)
+    b_g, _, _ = _chunk_gate(g, i_b, i_c, S, i_h, H, C)
+    b_G = tl.cumsum(b_g, 0)
+    b_GC = tl.sum(b_g, 0)
+    b_T = _load(tinv, idx, C, C, rc, rc)
+    decay = _strict_decay(b_G, C)
+    b_P = _mm(b_k, tl.trans(b_k), PRECISE)
+    b_A = b_P * b_beta[:, None] * decay
+    scale_w = b_beta * tl.exp(b_G)
+    b_rw = b_k * scale_w[:, None]
+    b_ru = b_v * b_beta[:, None]
+    b_drw = _mm(tl.trans(b_T), _load(dw, idx, C, K, rc, ck), PRECISE)
+    b_dru = _mm(tl.trans(b_T), _load(du0, idx, C, V, rc, cv), PRECISE)
+    b_dA = -(_mm(b_drw, tl.trans(_mm(b_T, b_rw, PRECISE)), PRECISE) + _mm(b_dru, tl.trans(_mm(b_T, b_ru, PRECISE)), PRECISE))
+    b_dA = tl.where(rc[:, None] > rc[None, :], b_dA, 0.0)
+    b_dP = b_dA * b_beta[:, None] * decay
+    b_de = _load(de, idx, C, K, rc, ck)
+    to_end = tl.exp(b_GC - b_G)
+    b_dk = _mm(b_dP + tl.trans(b_dP), b_k, PRECISE) + b_drw * scale_w[:, None] + b_de * to_end[:, None]
+    k_drw = tl.sum(b_k * b_drw, 1)
+    b_dbeta = tl.sum(b_dA * b_P * decay, 1) + tl.exp(b_G) * k_drw + tl.sum(b_v * b_dru, 1)
+    b_dAA = b_dA * b_A
+    s_e = to_end * tl.sum(b_k * b_de, 1)
+    b_dG = tl.sum(b_dAA, 1) - tl.sum(b_dAA, 0) + scale_w * k_drw - s_e
+    b_dG += tl.where(rc == C - 1, tl.sum(s_e, 0) + tl.exp(b_GC) * tl.load(dgamma + idx), 0.0)
+    b_dg = tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG  # suffix sums: G_i sums g_1..g_i
+    _store_rows(dk, b_dk, i_b, i_c, S, i_h, H, K, C, BK)
+    _store_rows(dv, b_dru * b_beta[:, None], i_b, i_c, S, i_h, H, V, C, BV)
+    tl.store(dbeta + offs, b_dbeta, mask=valid)
+    tl.store(dg + offs, b_dg, mask=valid)
+
+
+class SolveChunksFunction(torch.autograd.Function):
+    """Autograd wrapper of the within-chunk kernels; see :func:`solve_chunks`."""
+
+    @staticmethod
+    def forward(ctx, k, v, beta, g, C, precise):
+        B, S, H, K = k.shape
+        V = v.shape[-1]
+        N = triton.cdiv(S, C)
+        BK, BV = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
+        f32 = dict(dtype=torch.float32, device=k.device)
+        w, e, u0 = torch.empty(B, H, N, C, K, **f32), torch.empty(B, H, N, C, K, **f32), torch.empty(B, H, N, C, V, **f32)
+        gamma, tinv = torch.empty(B, H, N, **f32), torch.empty(B, H, N, C, C, **f32)
+        _solve_fwd_kernel[(N, B * H)](k, v, beta, g, w, u0, e, gamma, tinv, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
+                                      PRECISE=precise, num_warps=SOLVE_WARPS)
+        ctx.save_for_backward(k, v, beta, g, tinv)
+        ctx.C, ctx.precise = C, precise
+        return w, u0, e, gamma
+
+    @staticmethod
+    def backward(ctx, dw, du0, de, dgamma):
+        k, v, beta, g, tinv = ctx.saved_tensors
+        B, S, H, K = k.shape
+        V, C = v.shape[-1], ctx.C
+        N = triton.cdiv(S, C)
+        BK, BV = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
+        dk, dv = torch.empty_like(k, dtype=torch.float32), torch.empty_like(v, dtype=torch.float32)
+        dbeta, dg = torch.empty_like(beta, dtype=torch.float32), torch.empty_like(g, dtype=torch.float32)
+        dw, du0, de, dgamma = (t.contiguous() for t in (dw, du0, de, dgamma))
+        _solve_bwd_kernel[(N, B * H)](k, v, beta, g, tinv, dw, du0, de, dgamma, dk, dv, dbeta, dg, S, N,
+                                      H=H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISE=ctx.precise, num_warps=SOLVE_WARPS)
+        return dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dg.to(g.dtype), None, None
+
+
+def solve_chunks(
+    k: Tensor, v: Tensor, beta: Tensor, g: Tensor, C: int, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The within-chunk parts (module docstring), one program per chunk and head, differentiable.
+
+    Args: ``k [B, S, H, K]``, ``v [B, S, H, V]``, ``beta, g [B, S, H]`` (the chunk's tail past
+    ``S`` is zero padding); ``C`` the chunk length (16, 32, 64 or 128); ``dtype`` the inputs'
+    precision: float32 products to float32 accuracy (``tf32x3``) for float32, one tf32 pass else.
+
+    Returns ``W [B, H, N, C, K]``, ``U0 [B, H, N, C, V]``, ``E [B, H, N, C, K]`` and
+    ``gamma [B, H, N]``, float32, ``N = ceil(S / C)``.
+    """
+    k, v, beta, g = (t.contiguous() for t in (k, v, beta, g))
+    return SolveChunksFunction.apply(k, v, beta, g, C, dtype == torch.float32)
+
+
+# ----------------------------------------------------------------------------- launchers
 
 
 def _blocks(K: int, V: int, max_bv: int) -> tuple[int, int]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +62,8 @@ def delta_rule(
             across chunks in Triton, and the fused step kernel for a single causal token without
             gradients; CUDA tensors or ``TRITON_INTERPRET=1``) or ``"auto"`` (triton on CUDA, else
             chunked).
-        chunk_size: chunk length of the chunked and triton forms (triton: 16, 32, 64 or 128).
+        chunk_size: chunk length of the chunked and triton forms (triton: 16, 32 or 64, with head
+            dims up to 128).
         cu_seqlens: for causal forms, offsets ``[N + 1]`` (int32/int64) of ``N`` sequences packed
             along time in a batch of one; each starts from its own initial state and has its own
             final state ``[N, H, K, V]``.
@@ -99,7 +99,7 @@ def delta_rule(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     scale = resolve_scale(scale, K)
-    why_not = {"triton": reason} if (reason := kernels.unsupported(q, (K, V), chunk_size)) else {}
+    why_not = {"triton": reason} if (reason := _triton_unsupported(q, K, V, chunk_size)) else {}
     available = ("reference", "chunked") + (() if why_not else ("triton",))
     backend = resolve_backend("delta_rule", backend, available, q.device, why_not)
     kwargs = dict(
@@ -111,6 +111,16 @@ def delta_rule(
     if cu_seqlens is not None:
         return _each_sequence(run, q, k, v, beta, cu_seqlens=cu_seqlens, **kwargs)
     return run(q, k, v, beta, **kwargs)
+
+
+def _triton_unsupported(q: Tensor, K: int, V: int, chunk_size: int) -> str | None:
+    """Why the Triton kernels cannot take this call; their per-chunk tiles (``C x C``, ``C x K``,
+    ``C x V``) must fit one multiprocessor's shared memory."""
+    if reason := kernels.unsupported(q, (K, V), chunk_size):
+        return reason
+    if chunk_size > 64 or max(K, V) > 128:
+        return f"the delta rule's kernels take chunk_size <= 64 and head dims <= 128, got chunk_size {chunk_size}, head dims {(K, V)}"
+    return None
 
 
 def _prepare(
@@ -192,17 +202,6 @@ def delta_rule_reference(
 # --------------------------------------------------------------------------- chunked
 
 
-class _Chunks(NamedTuple):
-    """The within-chunk parts of :func:`_chunked_scan`, ``[B, H, N, C, .]`` (``gamma [B, H, N]``)."""
-
-    w: Tensor  # [.., C, K]
-    u0: Tensor  # [.., C, V]
-    k_to_end: Tensor  # [.., C, K]
-    gamma: Tensor  # exp(G_C), the chunk's decay
-    q_from_start: Tensor | None  # [.., C, K]
-    attn: Tensor | None  # [.., C, C]
-
-
 def _to_chunks(x: Tensor, C: int) -> Tensor:
     """``[B, S, H, D]`` -> ``[B, H, N, C, D]``, zero-padding the time axis to ``N * C``."""
     B, S, H, D = x.shape
@@ -211,27 +210,41 @@ def _to_chunks(x: Tensor, C: int) -> Tensor:
     return x.reshape(B, N, C, H, D).permute(0, 3, 1, 2, 4)
 
 
-def _within_chunks(q: Tensor | None, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, C: int) -> _Chunks:
-    """Every chunk's ``W, U0``, decayed keys and queries and its attention (see :func:`_chunked_scan`)."""
+def _chunk_gates(g: Tensor, C: int) -> tuple[Tensor, Tensor]:
+    """The gate's cumsum within each chunk ``G [B, H, N, C]`` and ``G_i - G_j [B, H, N, C, C]``."""
+    G = _to_chunks(g[..., None], C)[..., 0].cumsum(-1)
+    return G, G[..., :, None] - G[..., None, :]
+
+
+def _decay(diff: Tensor, diagonal: int) -> Tensor:
+    """``exp(G_i - G_j)`` on and below diagonal ``diagonal`` (0 or -1), else 0; masking to -inf
+    before exponentiating keeps every exponent <= 0."""
+    C = diff.shape[-1]
+    keep = torch.ones(C, C, dtype=torch.bool, device=diff.device).tril(diagonal)
+    return diff.masked_fill(~keep, float("-inf")).exp()
+
+
+def _solve_chunks(k: Tensor, v: Tensor, beta: Tensor, g: Tensor, C: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every chunk's ``W [B, H, N, C, K]``, ``U0 [B, H, N, C, V]``, keys decayed to its end
+    ``[B, H, N, C, K]`` and decay ``gamma = exp(G_C) [B, H, N]`` (see :func:`_chunked_scan`); the
+    Triton form is :func:`seqmix.kernels.delta_chunk.solve_chunks`."""
+    G, diff = _chunk_gates(g, C)
     k, v = _to_chunks(k, C), _to_chunks(v, C)
-    beta, g = _to_chunks(beta[..., None], C)[..., 0], _to_chunks(g[..., None], C)[..., 0]  # (B, H, N, C)
-    G = g.cumsum(-1)
-    diff = G[..., :, None] - G[..., None, :]  # G_i - G_j, (B, H, N, C, C); > 0 only above the diagonal
-    # Masking j > i (or j >= i) to -inf before exponentiating keeps every exponent <= 0.
-    lower = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
-    strictly_lower = lower.tril(-1)
-    decay_strict = diff.masked_fill(~strictly_lower, float("-inf")).exp()
+    beta = _to_chunks(beta[..., None], C)[..., 0]  # (B, H, N, C)
     eye = torch.eye(C, dtype=k.dtype, device=k.device)
-    A = beta[..., None] * (k @ k.transpose(-1, -2)) * decay_strict
+    A = beta[..., None] * (k @ k.transpose(-1, -2)) * _decay(diff, -1)
     rhs = torch.cat([k * (beta * G.exp())[..., None], v * beta[..., None]], dim=-1)
     w, u0 = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True).split([k.shape[-1], v.shape[-1]], dim=-1)
-    k_to_end = k * (G[..., -1:] - G).exp()[..., None]  # (B, H, N, C, K)
-    q_from_start = attn = None
-    if q is not None:
-        q = _to_chunks(q, C)
-        attn = (q @ k.transpose(-1, -2)) * diff.masked_fill(~lower, float("-inf")).exp()
-        q_from_start = q * G.exp()[..., None]
-    return _Chunks(w, u0, k_to_end, G[..., -1].exp(), q_from_start, attn)
+    k_to_end = k * (G[..., -1:] - G).exp()[..., None]
+    return w, u0, k_to_end, G[..., -1].exp()
+
+
+def _query_chunks(q: Tensor, k: Tensor, g: Tensor, C: int) -> tuple[Tensor, Tensor]:
+    """Every chunk's queries decayed from its start ``[B, H, N, C, K]`` and attention
+    ``(Q K^T) * exp(G_i - G_j) [j <= i]`` ``[B, H, N, C, C]``."""
+    G, diff = _chunk_gates(g, C)
+    q, k = _to_chunks(q, C), _to_chunks(k, C)
+    return q * G.exp()[..., None], (q @ k.transpose(-1, -2)) * _decay(diff, 0)
 
 
 def _across_chunks(w: Tensor, u0: Tensor, k_to_end: Tensor, gamma: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -249,6 +262,7 @@ def _across_chunks(w: Tensor, u0: Tensor, k_to_end: Tensor, gamma: Tensor, state
 
 def _chunked_scan(
     q: Tensor | None, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, state: Tensor, chunk_size: int,
+    solve: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]] = _solve_chunks,
     across: Callable[..., tuple[Tensor, Tensor, Tensor]] = _across_chunks, product_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor | None, Tensor]:
     """The forward recurrence in chunks of C tokens; reads ``S_t^T q_t`` (inclusive) when q is given.
@@ -263,18 +277,20 @@ def _chunked_scan(
         S_C = exp(G_C) S_0 + (K * exp(G_C - G))^T U.
 
     Every exponent is ``<= 0``. Padded tokens (``beta = 0, g = 0``) leave the state unchanged.
-    Only the state recurrence is sequential: ``across(w, u0, k_to_end, gamma, state)`` (the loop
-    :func:`_across_chunks`, or the Triton kernel) gives every chunk's entering state and ``U``.
-    ``product_dtype`` (default: the state's) is the operand dtype of the queries' reads of them.
+    ``solve(k, v, beta, g, C)`` (:func:`_solve_chunks`, or the Triton kernels) gives every chunk's
+    ``W, U0``, keys decayed to its end and decay. Only the state recurrence is sequential:
+    ``across(w, u0, k_to_end, gamma, state)`` (the loop :func:`_across_chunks`, or the Triton
+    kernel) gives every chunk's entering state and ``U``. ``product_dtype`` (default: the
+    state's) is the operand dtype of the queries' reads of them.
     """
     B, S, H, _ = k.shape
     V, C = v.shape[-1], chunk_size
-    parts = _within_chunks(q, k, v, beta, g, C)
-    entering, U, state = across(parts.w, parts.u0, parts.k_to_end, parts.gamma, state)
+    entering, U, state = across(*solve(k, v, beta, g, C), state)
     if q is None:
         return None, state
+    q_from_start, attn = _query_chunks(q, k, g, C)
     mm = product_dtype or state.dtype
-    o = parts.q_from_start.to(mm) @ entering.to(mm) + parts.attn.to(mm) @ U.to(mm)  # (B, H, N, C, V)
+    o = q_from_start.to(mm) @ entering.to(mm) + attn.to(mm) @ U.to(mm)  # (B, H, N, C, V)
     o = o.to(state.dtype)
     N = o.shape[2]
     return o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :S], state
@@ -361,13 +377,14 @@ def delta_rule_triton(
     chunk_size: int = 64,
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """:func:`delta_rule` with the recurrence across chunks in Triton
-    (:func:`seqmix.kernels.delta_chunk.across_chunks`), the within-chunk parts as in
-    :func:`delta_rule_chunked` (float32); the products across chunks take q's dtype as operands,
-    float32 accumulation. A single causal token without gradients runs the fused step kernel.
+    """:func:`delta_rule` as :func:`delta_rule_chunked` with Triton kernels for each chunk's
+    ``W, U0`` (:func:`seqmix.kernels.delta_chunk.solve_chunks`, float32) and for the recurrence
+    across chunks (:func:`seqmix.kernels.delta_chunk.across_chunks`, products with q's dtype as
+    operands, float32 accumulation); the queries' reads stay batched PyTorch products. A single
+    causal token without gradients runs the fused step kernel.
     Packed sequences (``cu_seqlens``) are laid out chunk-aligned (zero padding: no write, no decay)
     and walked by the kernel per sequence. Inputs are not checked."""
-    from seqmix.kernels.delta_chunk import across_chunks
+    from seqmix.kernels.delta_chunk import across_chunks, solve_chunks
 
     scale, out_dtype = resolve_scale(scale, q.shape[-1]), q.dtype
     if causal and q.shape[1] == 1 and cu_seqlens is None and not needs_grad(q, k, v, beta, g, initial_state):
@@ -378,9 +395,10 @@ def delta_rule_triton(
         return o[:, None], (final if output_final_state else None)
     n_seq = None if cu_seqlens is None else cu_seqlens.numel() - 1
     q, k, v, beta, g, state = _prepare(q, k, v, beta, g, initial_state, n_seq)
+    solve = partial(solve_chunks, dtype=out_dtype)
     if cu_seqlens is None:
-        scan = partial(_chunked_scan, chunk_size=chunk_size, across=partial(across_chunks, dtype=out_dtype),
-                       product_dtype=out_dtype)
+        scan = partial(_chunked_scan, chunk_size=chunk_size, solve=solve,
+                       across=partial(across_chunks, dtype=out_dtype), product_dtype=out_dtype)
         o, final = _by_pattern(q, k, v, beta, g, state, causal=causal, cross=cross, scan=scan)
     else:
         slots, offsets, length = _chunk_aligned(cu_seqlens, chunk_size)
@@ -389,7 +407,8 @@ def delta_rule_triton(
             return x.new_zeros(1, length, *x.shape[2:]).index_copy(1, slots, x)
 
         across = partial(across_chunks, chunk_offsets=offsets, dtype=out_dtype)
-        o, final = _chunked_scan(*map(aligned, (q, k, v, beta, g)), state, chunk_size, across=across, product_dtype=out_dtype)
+        o, final = _chunked_scan(*map(aligned, (q, k, v, beta, g)), state, chunk_size, solve=solve, across=across,
+                                 product_dtype=out_dtype)
         o = o[:, slots]
     return (scale * o).to(out_dtype), (final if output_final_state else None)
 

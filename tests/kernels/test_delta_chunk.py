@@ -18,6 +18,7 @@ for gate in ("none", "head"):
         CASES[f"{pattern}-{gate}-T33"] = dict(op="delta", pattern=pattern, gate=gate, T=33, dtype="float32", seed=3)
     CASES[f"varlen-{gate}"] = dict(op="delta", pattern="CS", gate=gate, T=0, cu=[0, 1, 9, 40, 45], dtype="float32")
 CASES["CS-head-dims"] = dict(op="delta", pattern="CS", gate="head", T=40, K=32, V=24, chunk=32, dtype="float32")
+CASES["CS-head-chunk64"] = dict(op="delta", pattern="CS", gate="head", T=70, chunk=64, dtype="float32")
 CASES["CS-head-two-column-blocks"] = dict(op="delta", pattern="CS", gate="head", T=37, V=80, dtype="float32")
 CASES["CS-head-fp16"] = dict(op="delta", pattern="CS", gate="head", T=65, dtype="float16")
 CASES["NS-head-fp16"] = dict(op="delta", pattern="NS", gate="head", T=33, dtype="float16")
@@ -52,6 +53,13 @@ def test_triton_refuses_other_chunk_sizes(monkeypatch):
     x = _inputs(1, 8)
     with pytest.raises(ValueError, match="chunk_size 8"):
         delta_rule(*(x[n].float() for n in ("q", "k", "v", "beta")), causal=True, backend="triton", chunk_size=8)
+
+
+def test_triton_refuses_large_tiles(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = _inputs(1, 8)
+    with pytest.raises(ValueError, match="chunk_size <= 64 and head dims <= 128"):
+        delta_rule(*(x[n].float() for n in ("q", "k", "v", "beta")), causal=True, backend="triton", chunk_size=128)
 
 
 def test_auto_on_cpu_is_the_chunked_form():
