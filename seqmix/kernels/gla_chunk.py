@@ -71,6 +71,7 @@ OUT_BV = 64  # columns per output program
 PAR_BK, PAR_BV = 64, 64  # state rows per dq / dk program, columns per dv program (and step of their loops)
 PAR_WARPS, PAR_STAGES = 8, 2
 SUB_CHUNK = 16  # sub-chunk of the per-channel gate's scores
+CHANNEL_BV = 128  # columns per per-channel output and dv program: each recomputes its diagonal scores
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -576,15 +577,15 @@ def _gate_before(g, bos, i_c, n, Tn, i_h, ck, H: tl.constexpr, K: tl.constexpr, 
 
 
 @triton.jit
-def _sub_chunk(x, g, bos, i_c, m, Tn, i_h, ck, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+def _sub_chunk(x, g, bos, i_c, m, b, Tn, i_h, ck, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
                SUB: tl.constexpr, ANTI: tl.constexpr):
-    """Sub-chunk ``m`` of chunk ``i_c``: its times, validity, rows of ``x`` (fp32, ``[SUB, len(ck)]``),
-    gate cumsum from the chunk start ``c`` and the boundaries ``b`` (before) and ``e`` (after it)."""
+    """Sub-chunk ``m`` of chunk ``i_c``, ``b`` the sum of the chunk's gates before it: its times,
+    validity, rows of ``x`` (fp32, ``[SUB, len(ck)]``), the gate's cumsum from the chunk start ``c``
+    and its value ``e`` at the sub-chunk's end."""
     t, valid = _rows_at(i_c * BT + m * SUB, Tn, SUB, ANTI)
     b_x = _tile(x + i_h * K, bos + t, valid, ck, K, H * K).to(tl.float32)
     b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, SUB, 2, ANTI)
-    b = _gate_before(g, bos, i_c, m * SUB, Tn, i_h, ck, H, K, BT, ANTI)
-    return t, valid, b_x, b[None, :] + tl.cumsum(b_g, 0), b, b + tl.sum(b_g, 0)
+    return t, valid, b_x, b[None, :] + tl.cumsum(b_g, 0), b + tl.sum(b_g, 0)
 
 
 @triton.jit
@@ -641,19 +642,22 @@ def _channel_output(q, k, v, g, S, o, scale, bos, Tn, i_c, i_h, ck, cv,
     earlier sub-chunks (referenced at ``m``'s start) and the diagonal block."""
     dt = k.dtype.element_ty
     b_S = S.to(dt)
+    b_m = tl.zeros(ck.shape, dtype=tl.float32)
     for m in range(BT // SUB):
         s0 = i_c * BT + m * SUB
-        t, valid, b_q, c_m, b_m, _ = _sub_chunk(q, g, bos, i_c, m, Tn, i_h, ck, H, K, BT, SUB, ANTI)
+        t, valid, b_q, c_m, e_m = _sub_chunk(q, g, bos, i_c, m, b_m, Tn, i_h, ck, H, K, BT, SUB, ANTI)
         rows = bos + t
         b_o = _dot((b_q * tl.exp(c_m)).to(dt), b_S)
         b_qr = (b_q * tl.exp(c_m - b_m[None, :])).to(dt)
+        b_J = tl.zeros(ck.shape, dtype=tl.float32)
         for J in range(m):
-            t_J, valid_J, b_k, c_J, _, _ = _sub_chunk(k, g, bos, i_c, J, Tn, i_h, ck, H, K, BT, SUB, ANTI)
+            t_J, valid_J, b_k, c_J, b_J = _sub_chunk(k, g, bos, i_c, J, b_J, Tn, i_h, ck, H, K, BT, SUB, ANTI)
             b_A = _dot(b_qr, tl.trans((b_k * tl.exp(b_m[None, :] - c_J)).to(dt)))
             b_o += _dot(b_A.to(dt), _tile(v + i_h * V, bos + t_J, valid_J, cv, V, H * V))
         b_A = _diag_scores(b_q, k, g, c_m, b_m, bos, s0, Tn, i_h, ck, H, K, SUB, ANTI)
         b_o += _dot(b_A.to(dt), _tile(v + i_h * V, rows, valid, cv, V, H * V))
         _store(o + i_h * V, scale * b_o, rows, valid, cv, V, H * V)
+        b_m = e_m
 
 
 @triton.jit
@@ -691,7 +695,8 @@ def _channel_dqk(
     for i in range(M):
         m = M - 1 - i
         s0 = i_c * BT + m * SUB
-        t, valid, b_k, c_m, b_m, e_m = _sub_chunk(k, g, bos, i_c, m, Tn, i_h, ck, H, K, BT, SUB, ANTI)
+        b_m = _gate_before(g, bos, i_c, m * SUB, Tn, i_h, ck, H, K, BT, ANTI)
+        t, valid, b_k, c_m, e_m = _sub_chunk(k, g, bos, i_c, m, b_m, Tn, i_h, ck, H, K, BT, SUB, ANTI)
         rows = bos + t
         b_dk = tl.zeros([SUB, BK], dtype=tl.float32)
         b_dq = tl.zeros([SUB, BK], dtype=tl.float32)
@@ -709,14 +714,16 @@ def _channel_dqk(
             b_v = _tile(v + i_h * V, rows, valid, cvf, V, H * V)
             b_dq *= tl.exp(c_m)
             b_acc = tl.zeros([SUB, BK], dtype=tl.float32)
+            b_J = tl.zeros([BK], dtype=tl.float32)
             for J in range(m):
-                t_J, valid_J, b_kJ, c_J, _, _ = _sub_chunk(k, g, bos, i_c, J, Tn, i_h, ck, H, K, BT, SUB, ANTI)
+                t_J, valid_J, b_kJ, c_J, b_J = _sub_chunk(k, g, bos, i_c, J, b_J, Tn, i_h, ck, H, K, BT, SUB, ANTI)
                 b_dA = _dot(b_do, tl.trans(_tile(v + i_h * V, bos + t_J, valid_J, cvf, V, H * V)))
                 b_acc += _dot(b_dA.to(dt), (b_kJ * tl.exp(b_m[None, :] - c_J)).to(dt))
             b_dq += b_acc * tl.exp(c_m - b_m[None, :])
             b_acc = tl.zeros([SUB, BK], dtype=tl.float32)
+            b_I = e_m
             for I in range(m + 1, M):
-                t_I, valid_I, b_qI, c_I, _, _ = _sub_chunk(q, g, bos, i_c, I, Tn, i_h, ck, H, K, BT, SUB, ANTI)
+                t_I, valid_I, b_qI, c_I, b_I = _sub_chunk(q, g, bos, i_c, I, b_I, Tn, i_h, ck, H, K, BT, SUB, ANTI)
                 b_dA = _dot(_tile(do + i_h * V, bos + t_I, valid_I, cvf, V, H * V), tl.trans(b_v))
                 b_acc += _dot(tl.trans(b_dA).to(dt), (b_qI * tl.exp(c_I - e_m[None, :])).to(dt))
             b_dk += scale * b_acc * tl.exp(e_m[None, :] - c_m)
@@ -746,16 +753,18 @@ def _channel_dv(
     b_cl = _gate_before(g, bos, i_c, BT, Tn, i_h, ck, H, K, BT, ANTI)
     b_dS = _state_tile(dstates, i_t, i_h, ck, cv, H, K, V).to(dt)
     M = BT // SUB
+    b_m = tl.zeros([BK], dtype=tl.float32)
     for m in range(M):
         s0 = i_c * BT + m * SUB
-        t, valid, b_k, c_m, b_m, e_m = _sub_chunk(k, g, bos, i_c, m, Tn, i_h, ck, H, K, BT, SUB, ANTI)
+        t, valid, b_k, c_m, e_m = _sub_chunk(k, g, bos, i_c, m, b_m, Tn, i_h, ck, H, K, BT, SUB, ANTI)
         rows = bos + t
         b_dv = _dot((b_k * tl.exp(b_cl[None, :] - c_m)).to(dt), b_dS)
         if HAS_Q:
             b_kr = (b_k * tl.exp(e_m[None, :] - c_m)).to(dt)
             b_acc = tl.zeros([SUB, BV], dtype=tl.float32)
+            b_I = e_m
             for I in range(m + 1, M):
-                t_I, valid_I, b_qI, c_I, _, _ = _sub_chunk(q, g, bos, i_c, I, Tn, i_h, ck, H, K, BT, SUB, ANTI)
+                t_I, valid_I, b_qI, c_I, b_I = _sub_chunk(q, g, bos, i_c, I, b_I, Tn, i_h, ck, H, K, BT, SUB, ANTI)
                 b_A = _dot((b_qI * tl.exp(c_I - e_m[None, :])).to(dt), tl.trans(b_kr))
                 b_acc += _dot(tl.trans(b_A).to(dt), _tile(do + i_h * V, bos + t_I, valid_I, cv, V, H * V))
             b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
@@ -763,6 +772,7 @@ def _channel_dv(
             b_acc += _dot(tl.trans(b_A).to(dt), _tile(do + i_h * V, rows, valid, cv, V, H * V))
             b_dv += scale * b_acc
         _store(dv + i_h * V, b_dv, rows, valid, cv, V, H * V)
+        b_m = e_m
 
 
 @triton.jit
@@ -903,11 +913,12 @@ def _chunk_dv(
 def _chunk_bwd_kernel(
     q, k, v, g, states, dstates, do, dq, dk, dv, dG, chunk_first, chunk_seq, cu_seqlens, scale, T, TG,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BVF: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, SUB: tl.constexpr, NK: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BVD: tl.constexpr, SUB: tl.constexpr, NK: tl.constexpr,
     GATE: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """Programs ``[0, NK)`` of chunk ``i_t`` compute dq and dk (and the gate's gradient, into dG slot
-    ``i_k`` for a per-head gate) for a block of state rows, the rest dv for a block of columns."""
+    ``i_k`` for a per-head gate) for ``BK`` state rows (over columns ``BV`` at a time), the rest dv
+    for ``BVD`` columns."""
     role, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
@@ -918,13 +929,13 @@ def _chunk_bwd_kernel(
                          H, K, V, BT, BK, BV, BVF, SUB, HAS_Q, ANTI)
         else:
             _channel_dv(q, k, g, dstates, do, dv, scale, bos, Tn, i_t, i_c, i_h, role - NK,
-                        H, K, V, BT, BKF, BV, SUB, HAS_Q, ANTI)
+                        H, K, V, BT, BKF, BVD, SUB, HAS_Q, ANTI)
     elif role < NK:
         _chunk_dqk(q, k, v, g, states, dstates, do, dq, dk, dG, scale, bos, Tn, i_t, i_h, t, valid, role, TG,
                    H, K, V, BT, BK, BV, GATE, HAS_Q, ANTI)
     else:
         _chunk_dv(q, k, g, dstates, do, dv, scale, bos, Tn, i_t, i_h, t, valid, role - NK,
-                  H, K, V, BT, BKF, BV, GATE, HAS_Q, ANTI)
+                  H, K, V, BT, BKF, BVD, GATE, HAS_Q, ANTI)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -981,7 +992,7 @@ def _outputs(q, k, v, g, states, chunks: _Chunks, scale: float, anticausal: bool
     """``_output_kernel`` over every chunk: ``o [B, T, H, V]`` in v's dtype."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BV = min(_pow2(V), OUT_BV)
+    BV = min(_pow2(V), CHANNEL_BV if _gate_kind(g) == 2 else OUT_BV)
     o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
     _output_kernel[(triton.cdiv(V, BV), chunks.count, H)](
         q, k, v, g, states, o, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
@@ -1000,14 +1011,15 @@ def _parallel_backward(q, k, v, g, h0, states, do, dht, chunks: _Chunks, scale: 
     dstates, dh0 = _states(q, do, g, dht, chunks, (H, K, V), scale, anticausal, BT, reverse=True)
     BKF, BVF = _pow2(K), _pow2(V)
     BK, BV = min(BKF, PAR_BK), min(BVF, PAR_BV)
-    NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
+    BVD = min(BVF, CHANNEL_BV if gate == 2 else PAR_BV)
+    NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BVD)
     dq = torch.empty_like(q) if q is not None else None
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     KG = K if gate == 2 else 1
     dG = torch.zeros(NK if gate == 1 else 1, B * T, H, KG, dtype=torch.float32, device=k.device) if gate else None
     _chunk_bwd_kernel[(NK + NV, chunks.count, H)](
         q, k, v, g, states, dstates, do, dq, dk, dv, dG, chunks.first, chunks.seq, chunks.cu_seqlens, scale,
-        chunks.T, B * T * H * KG, H=H, K=K, V=V, BT=BT, BKF=BKF, BVF=BVF, BK=BK, BV=BV, SUB=SUB_CHUNK, NK=NK,
+        chunks.T, B * T * H * KG, H=H, K=K, V=V, BT=BT, BKF=BKF, BVF=BVF, BK=BK, BV=BV, BVD=BVD, SUB=SUB_CHUNK, NK=NK,
         GATE=gate, HAS_Q=q is not None, ANTI=anticausal,
         IS_VARLEN=chunks.cu_seqlens is not None, num_warps=PAR_WARPS, num_stages=PAR_STAGES,
     )
