@@ -489,7 +489,10 @@ def _states_kernel(
     ``states[chunk] = S`` (if ``STORE_STATES``), then ``S <- diag(exp(c_L)) S + scale * (x * w)^T y`` with
     ``w = exp(c_L - c)`` (forward: the state before each chunk) or ``w = exp(c)`` (``REVERSE``: the
     gradient of the state after each chunk, ``x, y = q, do``); ``final[i_n] = S``."""
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NK = (K + BK - 1) // BK
+    NV = (V + BV - 1) // BV
+    pid = tl.program_id(0)
+    i_nh, i_k, i_v = pid // (NK * NV), pid // NV % NK, pid % NV
     i_n, i_h = i_nh // H, i_nh % H
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     first = tl.load(chunk_first + i_n).to(tl.int64)
@@ -783,7 +786,8 @@ def _output_kernel(
 ):
     """``o = scale * [(q * exp(c)) S + A v]`` for chunk ``i_t``, head ``i_h``, columns ``i_v``;
     ``S`` is the state before the chunk."""
-    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NV = (V + BV - 1) // BV
+    i_t, i_v, i_h = tl.program_id(0) // NV, tl.program_id(0) % NV, tl.program_id(1)
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     ck = tl.arange(0, BK)
@@ -919,7 +923,8 @@ def _chunk_bwd_kernel(
     """Programs ``[0, NK)`` of chunk ``i_t`` compute dq and dk (and the gate's gradient, into dG slot
     ``i_k`` for a per-head gate) for ``BK`` state rows (over columns ``BV`` at a time), the rest dv
     for ``BVD`` columns."""
-    role, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NR = NK + (V + BVD - 1) // BVD
+    i_t, role, i_h = tl.program_id(0) // NR, tl.program_id(0) % NR, tl.program_id(1)
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
@@ -979,7 +984,7 @@ def _states(x, y, g, s0, chunks: _Chunks, dims: tuple[int, int, int], scale: flo
     f32 = dict(dtype=torch.float32, device=(x if x is not None else y if y is not None else s0).device)
     states = torch.empty(chunks.count, H, K, V, **f32) if store_states else None
     final = torch.empty(chunks.N, H, K, V, **f32)
-    _states_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), chunks.N * H)](
+    _states_kernel[(chunks.N * H * triton.cdiv(K, BK) * triton.cdiv(V, BV),)](
         x, y, g, s0, states, final, chunks.first, chunks.cu_seqlens, scale, chunks.T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=_gate_kind(g), HAS_X=x is not None, HAS_S0=s0 is not None,
         REVERSE=reverse, STORE_STATES=store_states, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None,
@@ -994,7 +999,7 @@ def _outputs(q, k, v, g, states, chunks: _Chunks, scale: float, anticausal: bool
     V = v.shape[-1]
     BV = min(_pow2(V), CHANNEL_BV if _gate_kind(g) == 2 else OUT_BV)
     o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
-    _output_kernel[(triton.cdiv(V, BV), chunks.count, H)](
+    _output_kernel[(chunks.count * triton.cdiv(V, BV), H)](
         q, k, v, g, states, o, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
         H=H, K=K, V=V, BT=BT, BK=_pow2(K), BV=BV, SUB=SUB_CHUNK, GATE=_gate_kind(g), ANTI=anticausal,
         IS_VARLEN=chunks.cu_seqlens is not None, num_warps=PAR_WARPS, num_stages=PAR_STAGES,
@@ -1017,7 +1022,7 @@ def _parallel_backward(q, k, v, g, h0, states, do, dht, chunks: _Chunks, scale: 
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     KG = K if gate == 2 else 1
     dG = torch.zeros(NK if gate == 1 else 1, B * T, H, KG, dtype=torch.float32, device=k.device) if gate else None
-    _chunk_bwd_kernel[(NK + NV, chunks.count, H)](
+    _chunk_bwd_kernel[((NK + NV) * chunks.count, H)](
         q, k, v, g, states, dstates, do, dq, dk, dv, dG, chunks.first, chunks.seq, chunks.cu_seqlens, scale,
         chunks.T, B * T * H * KG, H=H, K=K, V=V, BT=BT, BKF=BKF, BVF=BVF, BK=BK, BV=BV, BVD=BVD, SUB=SUB_CHUNK, NK=NK,
         GATE=gate, HAS_Q=q is not None, ANTI=anticausal,
