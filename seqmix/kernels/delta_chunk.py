@@ -1,5 +1,5 @@
-"""The chunked (gated) delta rule in Triton: each chunk's WY/UT parts, and the recurrence across
-chunks, forward and backward (the math of :func:`seqmix.ops.delta._chunked_scan`).
+"""The chunked (gated) delta rule in Triton: each chunk's WY/UT parts, the recurrence across
+chunks and the queries' reads, forward and backward (the math of :func:`seqmix.ops.delta._chunked_scan`).
 
 Within chunks (:func:`solve_chunks`, one program per chunk and head). Chunk ``n`` of ``C`` tokens
 has keys ``K [C, K]``, values ``V [C, V]``, writing strengths ``beta``, log gates ``g`` and their
@@ -31,6 +31,12 @@ in reverse with the state gradient ``dS`` in registers (``dS = dS_{n+1}`` on ent
 One program owns a block of state columns of one sequence and head. ``dW``, ``dE`` and
 ``dgamma`` sum over all columns: each column block writes its own slot, summed afterwards.
 
+The queries' reads (:func:`read_chunks`, one program per chunk and head), with
+``Attn = (Q K^T) * exp(G_i - G_j) [j <= i]`` and ``Qd = Q * exp(G)``::
+
+    O_n = Qd S_n + Attn U_n
+    dS_n^out = Qd^T dO,  dU_n^out = Attn^T dO,  dQd = dO S_n^T,  dAttn = dO U_n^T
+
 Layout: inputs ``[B, S, H, D]`` as the ops; chunk-major ``[B, H, N, C, D]`` (contiguous) for
 ``W, U0, E``, ``gamma [B, H, N]``, states ``[B, H, N, K, V]`` float32. Packed sequences
 (``chunk_offsets [N_seq + 1]``, ``B = 1``) occupy whole chunks: sequence ``i`` owns chunks
@@ -49,6 +55,8 @@ FWD_BV, BWD_BV = 64, 32
 NUM_WARPS = 4
 FWD_STAGES, BWD_STAGES = 2, 1
 SOLVE_WARPS = 8
+READ_FWD_BV, READ_FWD_WARPS = 64, 4
+READ_BWD_BV, READ_BWD_WARPS = 32, 8
 
 
 @triton.jit
@@ -152,20 +160,18 @@ def _bwd_kernel(
 
 
 @triton.jit
-def _chunk_rows(p, i_b, i_c, S, i_h, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr):
-    """Chunk ``i_c`` of batch ``i_b``, head ``i_h`` of a ``[B, S, H, D]`` tensor: ``[C, BD]`` float32, zeros outside."""
+def _chunk_rows(p, i_b, i_c, S, i_h, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, cols):
+    """Chunk ``i_c`` of batch ``i_b``, head ``i_h`` of a ``[B, S, H, D]`` tensor: ``[C, cols]`` float32, zeros outside."""
     t = i_c * C + tl.arange(0, C)
-    cd = tl.arange(0, BD)
-    p = p + (i_b.to(tl.int64) * S + t[:, None]) * (H * D) + i_h * D + cd[None, :]
-    return tl.load(p, mask=(t < S)[:, None] & (cd < D)[None, :], other=0.0).to(tl.float32)
+    p = p + (i_b.to(tl.int64) * S + t[:, None]) * (H * D) + i_h * D + cols[None, :]
+    return tl.load(p, mask=(t < S)[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _store_rows(p, x, i_b, i_c, S, i_h, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr):
+def _store_rows(p, x, i_b, i_c, S, i_h, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, cols):
     t = i_c * C + tl.arange(0, C)
-    cd = tl.arange(0, BD)
-    p = p + (i_b.to(tl.int64) * S + t[:, None]) * (H * D) + i_h * D + cd[None, :]
-    tl.store(p, x.to(p.dtype.element_ty), mask=(t < S)[:, None] & (cd < D)[None, :])
+    p = p + (i_b.to(tl.int64) * S + t[:, None]) * (H * D) + i_h * D + cols[None, :]
+    tl.store(p, x.to(p.dtype.element_ty), mask=(t < S)[:, None] & (cols < D)[None, :])
 
 
 @triton.jit
@@ -216,8 +222,8 @@ def _solve_fwd_kernel(
     i_b, i_h = i_bh // H, i_bh % H
     idx = i_bh.to(tl.int64) * N + i_c
     rc, ck, cv = tl.arange(0, C), tl.arange(0, BK), tl.arange(0, BV)
-    b_k = _chunk_rows(k, i_b, i_c, S, i_h, H, K, C, BK)
-    b_v = _chunk_rows(v, i_b, i_c, S, i_h, H, V, C, BV)
+    b_k = _chunk_rows(k, i_b, i_c, S, i_h, H, K, C, ck)
+    b_v = _chunk_rows(v, i_b, i_c, S, i_h, H, V, C, cv)
     b_beta, _, _ = _chunk_gate(beta, i_b, i_c, S, i_h, H, C)
     b_g, _, _ = _chunk_gate(g, i_b, i_c, S, i_h, H, C)
     b_G = tl.cumsum(b_g, 0)
@@ -243,8 +249,8 @@ def _solve_bwd_kernel(
     i_b, i_h = i_bh // H, i_bh % H
     idx = i_bh.to(tl.int64) * N + i_c
     rc, ck, cv = tl.arange(0, C), tl.arange(0, BK), tl.arange(0, BV)
-    b_k = _chunk_rows(k, i_b, i_c, S, i_h, H, K, C, BK)
-    b_v = _chunk_rows(v, i_b, i_c, S, i_h, H, V, C, BV)
+    b_k = _chunk_rows(k, i_b, i_c, S, i_h, H, K, C, ck)
+    b_v = _chunk_rows(v, i_b, i_c, S, i_h, H, V, C, cv)
     b_beta, offs, valid = _chunk_gate(beta, i_b, i_c, S, i_h, H, C)
     b_g, _, _ = _chunk_gate(g, i_b, i_c, S, i_h, H, C)
     b_G = tl.cumsum(b_g, 0)
@@ -271,8 +277,8 @@ def _solve_bwd_kernel(
     b_dG = tl.sum(b_dAA, 1) - tl.sum(b_dAA, 0) + scale_w * k_drw - s_e
     b_dG += tl.where(rc == C - 1, tl.sum(s_e, 0) + tl.exp(b_GC) * tl.load(dgamma + idx), 0.0)
     b_dg = tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG  # suffix sums: G_i sums g_1..g_i
-    _store_rows(dk, b_dk, i_b, i_c, S, i_h, H, K, C, BK)
-    _store_rows(dv, b_dru * b_beta[:, None], i_b, i_c, S, i_h, H, V, C, BV)
+    _store_rows(dk, b_dk, i_b, i_c, S, i_h, H, K, C, ck)
+    _store_rows(dv, b_dru * b_beta[:, None], i_b, i_c, S, i_h, H, V, C, cv)
     tl.store(dbeta + offs, b_dbeta, mask=valid)
     tl.store(dg + offs, b_dg, mask=valid)
 
@@ -324,6 +330,134 @@ def solve_chunks(
     """
     k, v, beta, g = (t.contiguous() for t in (k, v, beta, g))
     return SolveChunksFunction.apply(k, v, beta, g, C, dtype == torch.float32)
+
+
+# ----------------------------------------------------------------------------- queries' reads
+
+
+@triton.jit
+def _as(x, LOW: tl.constexpr):
+    """``x`` in the products' operand dtype: float32 (``LOW`` 0), bfloat16 (1) or float16 (2)."""
+    if LOW == 1:
+        out = x.to(tl.bfloat16)
+    elif LOW == 2:
+        out = x.to(tl.float16)
+    else:
+        out = x
+    return out
+
+
+@triton.jit
+def _causal_decay(G, C: tl.constexpr):
+    """``exp(G_i - G_j)`` for ``j <= i``, else 0."""
+    r = tl.arange(0, C)
+    return tl.exp(tl.where(r[:, None] >= r[None, :], G[:, None] - G[None, :], float("-inf")))
+
+
+@triton.jit
+def _read_fwd_kernel(
+    q, k, g, states, u, o, S, N,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    LOW: tl.constexpr,
+):
+    """Columns ``i_v`` of chunk ``i_c``'s outputs: ``O = (Q * exp(G)) S_n + Attn U_n``."""
+    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    idx = i_bh.to(tl.int64) * N + i_c
+    rc, ck, cv = tl.arange(0, C), tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+    b_q = _chunk_rows(q, i_b, i_c, S, i_h, H, K, C, ck)
+    b_k = _chunk_rows(k, i_b, i_c, S, i_h, H, K, C, ck)
+    b_g, _, _ = _chunk_gate(g, i_b, i_c, S, i_h, H, C)
+    b_G = tl.cumsum(b_g, 0)
+    b_attn = _dot(_as(b_q, LOW), tl.trans(b_k)) * _causal_decay(b_G, C)
+    b_o = _dot(_as(b_q * tl.exp(b_G)[:, None], LOW), _load(states, idx, K, V, ck, cv))
+    b_o += _dot(_as(b_attn, LOW), _load(u, idx, C, V, rc, cv))
+    _store_rows(o, b_o, i_b, i_c, S, i_h, H, V, C, cv)
+
+
+@triton.jit
+def _read_bwd_kernel(
+    q, k, g, states, u, do, dq, dk, dg, dstates, du, S, N,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    LOW: tl.constexpr,
+):
+    """Chunk ``i_c``'s gradients of queries, keys (the reads' share), log gates (the reads' share),
+    entering state and ``U``, walking the state's column blocks."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    idx = i_bh.to(tl.int64) * N + i_c
+    rc, ck = tl.arange(0, C), tl.arange(0, BK)
+    b_q = _chunk_rows(q, i_b, i_c, S, i_h, H, K, C, ck)
+    b_k = _chunk_rows(k, i_b, i_c, S, i_h, H, K, C, ck)
+    b_g, offs, valid = _chunk_gate(g, i_b, i_c, S, i_h, H, C)
+    b_G = tl.cumsum(b_g, 0)
+    decay = _causal_decay(b_G, C)
+    b_attn = _dot(_as(b_q, LOW), tl.trans(b_k)) * decay
+    b_qd = b_q * tl.exp(b_G)[:, None]
+    b_dqd = tl.zeros([C, BK], dtype=tl.float32)
+    b_dattn = tl.zeros([C, C], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        cv = i_v * BV + tl.arange(0, BV)
+        b_do = _as(_chunk_rows(do, i_b, i_c, S, i_h, H, V, C, cv), LOW)
+        b_dqd += _dot(b_do, tl.trans(_load(states, idx, K, V, ck, cv)))
+        b_dattn += _dot(b_do, tl.trans(_load(u, idx, C, V, rc, cv)))
+        _store(dstates, idx, K, V, ck, cv, _dot(_as(tl.trans(b_qd), LOW), b_do))
+        _store(du, idx, C, V, rc, cv, _dot(_as(tl.trans(b_attn), LOW), b_do))
+    b_M = b_dattn * decay
+    b_dqd *= tl.exp(b_G)[:, None]
+    _store_rows(dq, b_dqd + _dot(_as(b_M, LOW), b_k), i_b, i_c, S, i_h, H, K, C, ck)
+    _store_rows(dk, _dot(_as(tl.trans(b_M), LOW), b_q), i_b, i_c, S, i_h, H, K, C, ck)
+    b_Z = b_dattn * b_attn
+    b_dG = tl.sum(b_q * b_dqd, 1) + tl.sum(b_Z, 1) - tl.sum(b_Z, 0)
+    tl.store(dg + offs, tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG, mask=valid)
+
+
+_LOW = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+class ReadChunksFunction(torch.autograd.Function):
+    """Autograd wrapper of the read kernels; see :func:`read_chunks`."""
+
+    @staticmethod
+    def forward(ctx, q, k, g, states, u, C, dtype):
+        B, S, H, K = q.shape
+        N, V = states.shape[2], states.shape[-1]
+        BK, BV = max(16, triton.next_power_of_2(K)), min(max(16, triton.next_power_of_2(V)), READ_FWD_BV)
+        o = torch.empty(B, S, H, V, dtype=torch.float32, device=q.device)
+        _read_fwd_kernel[(triton.cdiv(V, BV), N, B * H)](
+            q, k, g, states, u, o, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=_LOW[dtype], num_warps=READ_FWD_WARPS,
+        )
+        ctx.save_for_backward(q, k, g, states, u)
+        ctx.C, ctx.low = C, _LOW[dtype]
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, g, states, u = ctx.saved_tensors
+        B, S, H, K = q.shape
+        N, V = states.shape[2], states.shape[-1]
+        BK, BV = max(16, triton.next_power_of_2(K)), min(max(16, triton.next_power_of_2(V)), READ_BWD_BV)
+        f32 = dict(dtype=torch.float32)
+        dq, dk, dg = torch.empty_like(q, **f32), torch.empty_like(k, **f32), torch.empty_like(g, **f32)
+        dstates, du = torch.empty_like(states, **f32), torch.empty_like(u, **f32)
+        _read_bwd_kernel[(N, B * H)](
+            q, k, g, states, u, do.contiguous(), dq, dk, dg, dstates, du, S, N,
+            H=H, K=K, V=V, C=ctx.C, BK=BK, BV=BV, LOW=ctx.low, num_warps=READ_BWD_WARPS,
+        )
+        return dq.to(q.dtype), dk.to(k.dtype), dg.to(g.dtype), dstates, du, None, None
+
+
+def read_chunks(q: Tensor, k: Tensor, g: Tensor, states: Tensor, u: Tensor, C: int, dtype: torch.dtype) -> Tensor:
+    """The queries' reads, ``O_n = (Q_n * exp(G)) S_n + ((Q_n K_n^T) * exp(G_i - G_j) [j <= i]) U_n``
+    per chunk ``n``, one program per chunk, head (and block of columns), differentiable.
+
+    Args: ``q, k [B, S, H, K]``, ``g [B, S, H]``, entering states ``[B, H, N, K, V]`` and
+    ``U [B, H, N, C, V]`` (float32, from :func:`across_chunks`); ``dtype`` the products' operand dtype.
+
+    Returns ``o [B, S, H, V]`` float32 (unscaled).
+    """
+    q, k, g, states, u = (t.contiguous() for t in (q, k, g, states, u))
+    return ReadChunksFunction.apply(q, k, g, states, u, C, dtype)
 
 
 # ----------------------------------------------------------------------------- launchers

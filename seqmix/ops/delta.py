@@ -239,12 +239,18 @@ def _solve_chunks(k: Tensor, v: Tensor, beta: Tensor, g: Tensor, C: int) -> tupl
     return w, u0, k_to_end, G[..., -1].exp()
 
 
-def _query_chunks(q: Tensor, k: Tensor, g: Tensor, C: int) -> tuple[Tensor, Tensor]:
-    """Every chunk's queries decayed from its start ``[B, H, N, C, K]`` and attention
-    ``(Q K^T) * exp(G_i - G_j) [j <= i]`` ``[B, H, N, C, C]``."""
+def _read_chunks(q: Tensor, k: Tensor, g: Tensor, entering: Tensor, U: Tensor, C: int,
+                 product_dtype: torch.dtype | None = None) -> Tensor:
+    """The queries' reads ``O = (Q * exp(G)) S_n + ((Q K^T) * exp(G_i - G_j) [j <= i]) U_n`` per
+    chunk, as ``o [B, S, H, V]`` in the state's dtype; ``product_dtype`` (default: the state's) is
+    the products' operand dtype. The Triton form is :func:`seqmix.kernels.delta_chunk.read_chunks`."""
     G, diff = _chunk_gates(g, C)
-    q, k = _to_chunks(q, C), _to_chunks(k, C)
-    return q * G.exp()[..., None], (q @ k.transpose(-1, -2)) * _decay(diff, 0)
+    qc, kc = _to_chunks(q, C), _to_chunks(k, C)
+    mm = product_dtype or entering.dtype
+    q_from_start, attn = qc * G.exp()[..., None], (qc @ kc.transpose(-1, -2)) * _decay(diff, 0)
+    o = (q_from_start.to(mm) @ entering.to(mm) + attn.to(mm) @ U.to(mm)).to(entering.dtype)  # (B, H, N, C, V)
+    B, H, N, _, V = o.shape
+    return o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, : q.shape[1]]
 
 
 def _across_chunks(w: Tensor, u0: Tensor, k_to_end: Tensor, gamma: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -263,7 +269,8 @@ def _across_chunks(w: Tensor, u0: Tensor, k_to_end: Tensor, gamma: Tensor, state
 def _chunked_scan(
     q: Tensor | None, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, state: Tensor, chunk_size: int,
     solve: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]] = _solve_chunks,
-    across: Callable[..., tuple[Tensor, Tensor, Tensor]] = _across_chunks, product_dtype: torch.dtype | None = None,
+    across: Callable[..., tuple[Tensor, Tensor, Tensor]] = _across_chunks,
+    read: Callable[..., Tensor] = _read_chunks,
 ) -> tuple[Tensor | None, Tensor]:
     """The forward recurrence in chunks of C tokens; reads ``S_t^T q_t`` (inclusive) when q is given.
 
@@ -280,20 +287,13 @@ def _chunked_scan(
     ``solve(k, v, beta, g, C)`` (:func:`_solve_chunks`, or the Triton kernels) gives every chunk's
     ``W, U0``, keys decayed to its end and decay. Only the state recurrence is sequential:
     ``across(w, u0, k_to_end, gamma, state)`` (the loop :func:`_across_chunks`, or the Triton
-    kernel) gives every chunk's entering state and ``U``. ``product_dtype`` (default: the
-    state's) is the operand dtype of the queries' reads of them.
+    kernel) gives every chunk's entering state and ``U``; ``read(q, k, g, entering, U, C)``
+    (:func:`_read_chunks`, or the Triton kernels) the outputs ``O``.
     """
-    B, S, H, _ = k.shape
-    V, C = v.shape[-1], chunk_size
-    entering, U, state = across(*solve(k, v, beta, g, C), state)
+    entering, U, state = across(*solve(k, v, beta, g, chunk_size), state)
     if q is None:
         return None, state
-    q_from_start, attn = _query_chunks(q, k, g, C)
-    mm = product_dtype or state.dtype
-    o = q_from_start.to(mm) @ entering.to(mm) + attn.to(mm) @ U.to(mm)  # (B, H, N, C, V)
-    o = o.to(state.dtype)
-    N = o.shape[2]
-    return o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :S], state
+    return read(q, k, g, entering, U, chunk_size), state
 
 
 def _reversed_inputs(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor) -> tuple[Tensor, ...]:
@@ -377,14 +377,13 @@ def delta_rule_triton(
     chunk_size: int = 64,
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """:func:`delta_rule` as :func:`delta_rule_chunked` with Triton kernels for each chunk's
-    ``W, U0`` (:func:`seqmix.kernels.delta_chunk.solve_chunks`, float32) and for the recurrence
-    across chunks (:func:`seqmix.kernels.delta_chunk.across_chunks`, products with q's dtype as
-    operands, float32 accumulation); the queries' reads stay batched PyTorch products. A single
-    causal token without gradients runs the fused step kernel.
+    """:func:`delta_rule` as :func:`delta_rule_chunked` with the three parts of its scan in Triton
+    (:mod:`seqmix.kernels.delta_chunk`): each chunk's ``W, U0`` (float32), the recurrence across
+    chunks and the queries' reads (products with q's dtype as operands, float32 accumulation). A
+    single causal token without gradients runs the fused step kernel.
     Packed sequences (``cu_seqlens``) are laid out chunk-aligned (zero padding: no write, no decay)
     and walked by the kernel per sequence. Inputs are not checked."""
-    from seqmix.kernels.delta_chunk import across_chunks, solve_chunks
+    from seqmix.kernels.delta_chunk import across_chunks, read_chunks, solve_chunks
 
     scale, out_dtype = resolve_scale(scale, q.shape[-1]), q.dtype
     if causal and q.shape[1] == 1 and cu_seqlens is None and not needs_grad(q, k, v, beta, g, initial_state):
@@ -395,10 +394,9 @@ def delta_rule_triton(
         return o[:, None], (final if output_final_state else None)
     n_seq = None if cu_seqlens is None else cu_seqlens.numel() - 1
     q, k, v, beta, g, state = _prepare(q, k, v, beta, g, initial_state, n_seq)
-    solve = partial(solve_chunks, dtype=out_dtype)
+    triton_parts = dict(solve=partial(solve_chunks, dtype=out_dtype), read=partial(read_chunks, dtype=out_dtype))
     if cu_seqlens is None:
-        scan = partial(_chunked_scan, chunk_size=chunk_size, solve=solve,
-                       across=partial(across_chunks, dtype=out_dtype), product_dtype=out_dtype)
+        scan = partial(_chunked_scan, chunk_size=chunk_size, across=partial(across_chunks, dtype=out_dtype), **triton_parts)
         o, final = _by_pattern(q, k, v, beta, g, state, causal=causal, cross=cross, scan=scan)
     else:
         slots, offsets, length = _chunk_aligned(cu_seqlens, chunk_size)
@@ -407,8 +405,7 @@ def delta_rule_triton(
             return x.new_zeros(1, length, *x.shape[2:]).index_copy(1, slots, x)
 
         across = partial(across_chunks, chunk_offsets=offsets, dtype=out_dtype)
-        o, final = _chunked_scan(*map(aligned, (q, k, v, beta, g)), state, chunk_size, solve=solve, across=across,
-                                 product_dtype=out_dtype)
+        o, final = _chunked_scan(*map(aligned, (q, k, v, beta, g)), state, chunk_size, across=across, **triton_parts)
         o = o[:, slots]
     return (scale * o).to(out_dtype), (final if output_final_state else None)
 
