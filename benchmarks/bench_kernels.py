@@ -182,9 +182,9 @@ SWEEP = {  # module constant of gla_chunk -> (values tried by --sweep, one at a 
     "FWD_BV": ((32, 128), 8192), "FWD_WARPS": ((8,), 8192), "FWD_STAGES": ((1, 2), 8192),
     "BWD_BK": ((32,), 8192), "BWD_BV": ((32, 128), 8192), "BWD_WARPS": ((8,), 8192), "BWD_STAGES": ((1, 3), 8192),
     # the chunk-parallel form (chosen at T = 32768)
-    "STATE_BK": ((32,), 32768), "STATE_BV": ((32,), 32768), "STATE_WARPS": ((8,), 32768),
+    "STATE_MIN_PROGRAMS": ((0, 2**31), 32768),
     "STATE_STAGES": ((1, 3), 32768), "OUT_BV": ((32, 128), 32768), "PAR_BK": ((32,), 32768),
-    "PAR_BV": ((32,), 32768), "PAR_WARPS": ((8,), 32768), "PAR_STAGES": ((1, 3), 32768),
+    "PAR_BV": ((32,), 32768), "PAR_WARPS": ((4,), 32768), "PAR_STAGES": ((1, 3), 32768),
 }
 
 

@@ -65,8 +65,12 @@ BWD_WARPS, BWD_STAGES = 4, 2
 # 2 per sequence and head (D = 128), two fit on a multiprocessor, an H100 has 132
 TARGET_PROGRAMS = 128
 # chunk-parallel kernels: 8 warps, as with 4 every one of them spills (sm_90, bf16, D = 128)
-STATE_BK, STATE_BV = 64, 64  # state tile per program of the inter-chunk passes
-STATE_WARPS, STATE_STAGES = 8, 2
+# (state rows = columns, warps) per program of the inter-chunk passes: the largest tile of
+# STATE_TILES that still gives STATE_MIN_PROGRAMS programs (these passes are sequential over the
+# chunks, so with few sequences x heads they are latency-bound), else the smallest
+STATE_TILES = ((64, 8), (32, 4))
+STATE_MIN_PROGRAMS = 512
+STATE_STAGES = 2
 OUT_BV = 64  # columns per output program
 PAR_BK, PAR_BV = 64, 64  # state rows per dq / dk program, columns per dv program (and step of their loops)
 PAR_WARPS, PAR_STAGES = 8, 2
@@ -975,12 +979,21 @@ class _Chunks:
                                            output_size=self.count)
 
 
+def _state_block(sequence_heads: int, K: int, V: int) -> tuple[int, int, int]:
+    """Rows and columns of the state and warps per program of ``_states_kernel`` (see ``STATE_TILES``)."""
+    for size, warps in STATE_TILES:
+        BK, BV = min(_pow2(K), size), min(_pow2(V), size)
+        if sequence_heads * triton.cdiv(K, BK) * triton.cdiv(V, BV) >= STATE_MIN_PROGRAMS:
+            break
+    return BK, BV, warps
+
+
 def _states(x, y, g, s0, chunks: _Chunks, dims: tuple[int, int, int], scale: float, anticausal: bool, BT: int,
             reverse: bool = False, store_states: bool = True) -> tuple[Tensor | None, Tensor]:
     """``_states_kernel`` over every sequence, float32: ``(states [C, H, K, V] or None, final [N, H, K, V])``;
     the states before each chunk, or with ``reverse`` the gradients of the states after each chunk."""
     H, K, V = dims
-    BK, BV = min(_pow2(K), STATE_BK), min(_pow2(V), STATE_BV)
+    BK, BV, warps = _state_block(chunks.N * H, K, V)
     f32 = dict(dtype=torch.float32, device=(x if x is not None else y if y is not None else s0).device)
     states = torch.empty(chunks.count, H, K, V, **f32) if store_states else None
     final = torch.empty(chunks.N, H, K, V, **f32)
@@ -988,7 +1001,7 @@ def _states(x, y, g, s0, chunks: _Chunks, dims: tuple[int, int, int], scale: flo
         x, y, g, s0, states, final, chunks.first, chunks.cu_seqlens, scale, chunks.T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=_gate_kind(g), HAS_X=x is not None, HAS_S0=s0 is not None,
         REVERSE=reverse, STORE_STATES=store_states, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None,
-        num_warps=STATE_WARPS, num_stages=STATE_STAGES,
+        num_warps=warps, num_stages=STATE_STAGES,
     )
     return states, final
 

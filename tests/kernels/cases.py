@@ -74,10 +74,15 @@ def run_case(case: dict) -> dict[str, float]:
     want = _outputs_and_grads(case, x64, "reference", cot)
     target = gla_chunk.TARGET_PROGRAMS
     gla_chunk.TARGET_PROGRAMS = case.get("target_programs", target)
+    constants = {name: getattr(gla_chunk, name) for name in case.get("gla_constants", {})}  # launch shapes
+    for name, value in case.get("gla_constants", {}).items():
+        setattr(gla_chunk, name, value)
     try:
         got = _outputs_and_grads(case, x, "triton", cot)
     finally:
         gla_chunk.TARGET_PROGRAMS = target
+        for name, value in constants.items():
+            setattr(gla_chunk, name, value)
     dtypes = {"o": dtype, "final_state": torch.float32} | {f"d{n}": t.dtype for n, t in x.items() if t is not None}
     errors = {}
     for name, ref in want.items():

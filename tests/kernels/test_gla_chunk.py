@@ -27,7 +27,8 @@ CASES["NS-head-walk"] = dict(op="gla", pattern="NS", gate="head", T=150, dtype="
 CASES["CS-head-dims"] = dict(op="gla", pattern="CS", gate="head", T=40, K=32, V=24, chunk=32, dtype="float32")
 # chunks of 64, two blocks of state rows and columns in every chunk-parallel kernel (tiles of 64)
 CASES["NS-head-blocks"] = dict(op="gla", pattern="NS", gate="head", T=150, K=80, V=72, chunk=64, dtype="float32")
-CASES["CS-none-blocks"] = dict(op="gla", pattern="CS", gate="none", T=150, K=72, V=80, chunk=64, dtype="float32")
+CASES["CS-none-blocks"] = dict(op="gla", pattern="CS", gate="none", T=150, K=72, V=80, chunk=64, dtype="float32",
+                               gla_constants=dict(STATE_MIN_PROGRAMS=0))  # state passes in tiles of 64, not 32
 # per-channel sub-chunks: 4 in a chunk of 64; 2 in a chunk of 32, anticausal too; two blocks of rows and columns
 CASES["CS-channel-chunk64"] = dict(op="gla", pattern="CS", gate="channel", B=1, T=70, chunk=64, dtype="float32", seed=5)
 CASES["NS-channel-chunk32"] = dict(op="gla", pattern="NS", gate="channel", T=40, chunk=32, dtype="float32", seed=6)
