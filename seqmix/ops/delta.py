@@ -125,9 +125,11 @@ def _triton_unsupported(q: Tensor, K: int, V: int, chunk_size: int) -> str | Non
 
 def _prepare(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, initial_state: Tensor | None,
-    n_seq: int | None = None,
+    n_seq: int | None = None, keep_inputs: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Casts to the state dtype; fills in ``g = 0`` and ``S_0 = 0`` (one per sequence: ``n_seq``, or the batch)."""
+    """Casts to the state dtype; fills in ``g = 0`` and ``S_0 = 0`` (one per sequence: ``n_seq``, or
+    the batch). ``keep_inputs`` leaves q, k, v and beta in their dtype (the Triton kernels read them
+    as they are and compute in float32)."""
     dtype = torch.promote_types(q.dtype, torch.float32)
     B, _, H, K = k.shape
     B = B if n_seq is None else n_seq
@@ -135,7 +137,8 @@ def _prepare(
     g = torch.zeros_like(beta, dtype=dtype) if g is None else g.to(dtype)
     if initial_state is None:
         initial_state = torch.zeros(B, H, K, V, dtype=dtype, device=q.device)
-    return q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype), g, initial_state.to(dtype)
+    inputs = (q, k, v, beta) if keep_inputs else (q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype))
+    return *inputs, g, initial_state.to(dtype)
 
 
 # --------------------------------------------------------------------------- reference
@@ -319,7 +322,7 @@ def _by_pattern(
         return scan(q, k, v, beta, g, state)
     if cross:
         _, final = scan(None, k, v, beta, g, state)
-        return torch.einsum("bthk,bhkv->bthv", q, final), final
+        return torch.einsum("bthk,bhkv->bthv", q.to(final.dtype), final), final
     o, final = scan(q, k, v, beta, g, state)
     qb, kb, vb, bb, gb = _reversed_inputs(q, k, v, beta, g)
     q_next = torch.cat([qb[:, 1:] * gb[:, 1:, :, None].exp(), torch.zeros_like(qb[:, :1])], dim=1)
@@ -393,7 +396,7 @@ def delta_rule_triton(
                                    scale=scale, backend="triton")
         return o[:, None], (final if output_final_state else None)
     n_seq = None if cu_seqlens is None else cu_seqlens.numel() - 1
-    q, k, v, beta, g, state = _prepare(q, k, v, beta, g, initial_state, n_seq)
+    q, k, v, beta, g, state = _prepare(q, k, v, beta, g, initial_state, n_seq, keep_inputs=True)
     triton_parts = dict(solve=partial(solve_chunks, dtype=out_dtype), read=partial(read_chunks, dtype=out_dtype))
     if cu_seqlens is None:
         scan = partial(_chunked_scan, chunk_size=chunk_size, across=partial(across_chunks, dtype=out_dtype), **triton_parts)
