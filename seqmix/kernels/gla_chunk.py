@@ -83,7 +83,7 @@ CHANNEL_BV = 128  # columns per per-channel output and dv program: each recomput
 
 @triton.jit
 def _sequence(i_n, cu_seqlens, T, IS_VARLEN: tl.constexpr):
-    """First row (int64) and length of sequence (or segment) ``i_n``."""
+    """First row (int64) and length of sequence ``i_n``."""
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         Tn = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
@@ -228,7 +228,7 @@ def _fwd_kernel(
     GATE: tl.constexpr, HAS_Q: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
     ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """``o`` for state columns ``i_v`` of one sequence (or segment) and head; its final state."""
+    """``o`` for state columns ``i_v`` of one sequence and head, walking its chunks; its final state."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
@@ -258,7 +258,6 @@ def _fwd_kernel(
         b_S = _decayed(b_S, b_cl, GATE) + _dot_split(tl.trans(b_kd), b_v, True)
     if STORE_HT:
         tl.store(ht + state_offs, b_S, mask=state_mask)
-
 
 
 @triton.jit
