@@ -28,8 +28,9 @@ in reverse with the state gradient ``dS`` in registers (``dS = dS_{n+1}`` on ent
     dgamma_n = <S_n, dS_{n+1}>
     dS_n     = gamma_n dS_{n+1} - W_n^T dU_n + dS_n^out
 
-One program owns a block of state columns of one sequence and head. ``dW``, ``dE`` and
-``dgamma`` sum over all columns: each column block writes its own slot, summed afterwards.
+One program owns a block of state columns of one sequence and head; the walk stores every
+``dS_{n+1}``, and ``dW``, ``dE`` and ``dgamma`` (sums over all columns) come after it from one
+program per chunk.
 
 The queries' reads (:func:`read_chunks`, one program per chunk and head), with
 ``Attn = (Q K^T) * exp(G_i - G_j) [j <= i]`` and ``Qd = Q * exp(G)``::
@@ -54,9 +55,11 @@ from torch import Tensor
 FWD_BV, BWD_BV = 64, 32
 NUM_WARPS = 4
 FWD_STAGES, BWD_STAGES = 2, 1
-SOLVE_WARPS = 8
+GRAD_BV, GRAD_WARPS = 32, 8
+SOLVE_FWD_WARPS, SOLVE_BWD_WARPS = 4, 8  # fwd: 2 programs per SM through its row loop
 READ_FWD_BV, READ_FWD_WARPS = 64, 4
 READ_BWD_BV, READ_BWD_WARPS = 32, 8
+_LOW = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' LOW: products' operand dtype
 
 
 @triton.jit
@@ -97,6 +100,18 @@ def _dot(a, b):
 
 
 @triton.jit
+def _as(x, LOW: tl.constexpr):
+    """``x`` in the products' operand dtype: float32 (``LOW`` 0), bfloat16 (1) or float16 (2)."""
+    if LOW == 1:
+        out = x.to(tl.bfloat16)
+    elif LOW == 2:
+        out = x.to(tl.float16)
+    else:
+        out = x
+    return out
+
+
+@triton.jit
 def _fwd_kernel(
     w, u0, e, gamma, h0, states, u, ht, chunk_offsets, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -122,12 +137,12 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    w, e, gamma, states, u, dstates, du, dht, dw, du0, de, dgamma, dh0, chunk_offsets, N, SLOT,
+    w, e, gamma, dstates, du, dht, du0, dnext, dh0, chunk_offsets, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DSTATES: tl.constexpr, HAS_DU: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """Gradients of columns ``i_v`` of one sequence and head, walking its chunks backward.
-    ``dw``, ``de`` and ``dgamma`` get this column block's share in slot ``i_v`` (stride ``SLOT`` chunks)."""
+    """Columns ``i_v`` of one sequence and head, walking its chunks backward: ``dU0_n`` and the
+    gradient of each chunk's leaving state ``dS_{n+1}`` (into ``dnext``), then ``dS_0``."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     b, c0, c1 = _chunk_range(i_n, chunk_offsets, N, IS_VARLEN)
@@ -138,22 +153,39 @@ def _bwd_kernel(
     first = (b * H + i_h).to(tl.int64) * N
     for i in range(c1 - c0):
         idx = first + c1 - 1 - i
-        slot = i_v * SLOT + idx
-        b_S = _load(states, idx, K, V, ck, cv)
-        b_e = _load(e, idx, C, K, rc, ck)
-        b_du = _dot(b_e, b_dS)  # [C, BV]
+        _store(dnext, idx, K, V, ck, cv, b_dS)
+        b_du = _dot(_load(e, idx, C, K, rc, ck), b_dS)  # [C, BV]
         if HAS_DU:
             b_du += _load(du, idx, C, V, rc, cv).to(tl.float32)
         _store(du0, idx, C, V, rc, cv, b_du)
-        b_u = _load(u, idx, C, V, rc, cv)
-        _store(de, slot, C, K, rc, ck, _dot(b_u, tl.trans(b_dS)))
-        tl.store(dgamma + slot, tl.sum(tl.sum(b_S * b_dS, 1), 0))
-        _store(dw, slot, C, K, rc, ck, -_dot(b_du, tl.trans(b_S)))
-        b_w = _load(w, idx, C, K, rc, ck)
-        b_dS = tl.load(gamma + idx) * b_dS - _dot(tl.trans(b_w), b_du)
+        b_dS = tl.load(gamma + idx) * b_dS - _dot(tl.trans(_load(w, idx, C, K, rc, ck)), b_du)
         if HAS_DSTATES:
             b_dS += _load(dstates, idx, K, V, ck, cv)
     _store(dh0, i_nh.to(tl.int64), K, V, ck, cv, b_dS)
+
+
+@triton.jit
+def _grads_kernel(
+    states, u, du0, dnext, dw, de, dgamma,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOW: tl.constexpr,
+):
+    """Chunk ``idx``'s ``dW = -dU0 S_n^T``, ``dE = U dS_{n+1}^T``, ``dgamma = <S_n, dS_{n+1}>``,
+    summing over the state's column blocks."""
+    idx = tl.program_id(0).to(tl.int64)
+    rc, ck = tl.arange(0, C), tl.arange(0, BK)
+    b_dw = tl.zeros([C, BK], dtype=tl.float32)
+    b_de = tl.zeros([C, BK], dtype=tl.float32)
+    b_dgamma = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        cv = i_v * BV + tl.arange(0, BV)
+        b_S = _load(states, idx, K, V, ck, cv)
+        b_dn = _load(dnext, idx, K, V, ck, cv)
+        b_dw -= _dot(_as(_load(du0, idx, C, V, rc, cv), LOW), tl.trans(b_S))
+        b_de += _dot(_as(_load(u, idx, C, V, rc, cv), LOW), tl.trans(b_dn))
+        b_dgamma += tl.sum(b_S * b_dn, 1)
+    _store(dw, idx, C, K, rc, ck, b_dw)
+    _store(de, idx, C, K, rc, ck, b_de)
+    tl.store(dgamma + idx, tl.sum(b_dgamma, 0))
 
 
 # ----------------------------------------------------------------------------- within chunks
@@ -222,18 +254,19 @@ def _solve_fwd_kernel(
     i_b, i_h = i_bh // H, i_bh % H
     idx = i_bh.to(tl.int64) * N + i_c
     rc, ck, cv = tl.arange(0, C), tl.arange(0, BK), tl.arange(0, BV)
-    b_k = _chunk_rows(k, i_b, i_c, S, i_h, H, K, C, ck)
-    b_v = _chunk_rows(v, i_b, i_c, S, i_h, H, V, C, cv)
     b_beta, _, _ = _chunk_gate(beta, i_b, i_c, S, i_h, H, C)
     b_g, _, _ = _chunk_gate(g, i_b, i_c, S, i_h, H, C)
     b_G = tl.cumsum(b_g, 0)
     b_GC = tl.sum(b_g, 0)
+    b_k = _chunk_rows(k, i_b, i_c, S, i_h, H, K, C, ck)
     b_A = _mm(b_k, tl.trans(b_k), PRECISE) * b_beta[:, None] * _strict_decay(b_G, C)
-    b_T = _unit_lower_inverse(b_A, C)
+    b_T = _unit_lower_inverse(b_A, C)  # only A and T live through the loop: k and v are read after it
     _store(tinv, idx, C, C, rc, rc, b_T)
+    b_k = _chunk_rows(k, i_b, i_c, S, i_h, H, K, C, ck)
     _store(w, idx, C, K, rc, ck, _mm(b_T, b_k * (b_beta * tl.exp(b_G))[:, None], PRECISE))
-    _store(u0, idx, C, V, rc, cv, _mm(b_T, b_v * b_beta[:, None], PRECISE))
     _store(e, idx, C, K, rc, ck, b_k * tl.exp(b_GC - b_G)[:, None])
+    b_v = _chunk_rows(v, i_b, i_c, S, i_h, H, V, C, cv)
+    _store(u0, idx, C, V, rc, cv, _mm(b_T, b_v * b_beta[:, None], PRECISE))
     tl.store(gamma + idx, tl.exp(b_GC))
 
 
@@ -296,7 +329,7 @@ class SolveChunksFunction(torch.autograd.Function):
         w, e, u0 = torch.empty(B, H, N, C, K, **f32), torch.empty(B, H, N, C, K, **f32), torch.empty(B, H, N, C, V, **f32)
         gamma, tinv = torch.empty(B, H, N, **f32), torch.empty(B, H, N, C, C, **f32)
         _solve_fwd_kernel[(N, B * H)](k, v, beta, g, w, u0, e, gamma, tinv, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
-                                      PRECISE=precise, num_warps=SOLVE_WARPS)
+                                      PRECISE=precise, num_warps=SOLVE_FWD_WARPS)
         ctx.save_for_backward(k, v, beta, g, tinv)
         ctx.C, ctx.precise = C, precise
         return w, u0, e, gamma
@@ -312,7 +345,7 @@ class SolveChunksFunction(torch.autograd.Function):
         dbeta, dg = torch.empty_like(beta, dtype=torch.float32), torch.empty_like(g, dtype=torch.float32)
         dw, du0, de, dgamma = (t.contiguous() for t in (dw, du0, de, dgamma))
         _solve_bwd_kernel[(N, B * H)](k, v, beta, g, tinv, dw, du0, de, dgamma, dk, dv, dbeta, dg, S, N,
-                                      H=H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISE=ctx.precise, num_warps=SOLVE_WARPS)
+                                      H=H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISE=ctx.precise, num_warps=SOLVE_BWD_WARPS)
         return dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dg.to(g.dtype), None, None
 
 
@@ -333,18 +366,6 @@ def solve_chunks(
 
 
 # ----------------------------------------------------------------------------- queries' reads
-
-
-@triton.jit
-def _as(x, LOW: tl.constexpr):
-    """``x`` in the products' operand dtype: float32 (``LOW`` 0), bfloat16 (1) or float16 (2)."""
-    if LOW == 1:
-        out = x.to(tl.bfloat16)
-    elif LOW == 2:
-        out = x.to(tl.float16)
-    else:
-        out = x
-    return out
 
 
 @triton.jit
@@ -410,9 +431,6 @@ def _read_bwd_kernel(
     b_Z = b_dattn * b_attn
     b_dG = tl.sum(b_q * b_dqd, 1) + tl.sum(b_Z, 1) - tl.sum(b_Z, 0)
     tl.store(dg + offs, tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG, mask=valid)
-
-
-_LOW = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 class ReadChunksFunction(torch.autograd.Function):
@@ -499,21 +517,23 @@ class AcrossChunksFunction(torch.autograd.Function):
         B, H, N, C, K = w.shape
         V = u.shape[-1]
         n_seq = dht.shape[0] if dht is not None else (B if chunk_offsets is None else chunk_offsets.numel() - 1)
-        BK, BV = _blocks(K, V, BWD_BV)
-        NV = triton.cdiv(V, BV)
         f32 = dict(dtype=torch.float32, device=w.device)
-        dw, de = torch.empty(NV, B, H, N, C, K, **f32), torch.empty(NV, B, H, N, C, K, **f32)
-        dgamma = torch.empty(NV, B, H, N, **f32)
-        du0 = torch.empty(B, H, N, C, V, **f32)
+        du0, dnext = torch.empty(B, H, N, C, V, **f32), torch.empty(B, H, N, K, V, **f32)
         dh0 = torch.empty(n_seq, H, K, V, **f32)
         dstates, du, dht = (None if t is None else t.contiguous() for t in (dstates, du, dht))
-        _bwd_kernel[(NV, n_seq * H)](
-            w, e, gamma, states, u, dstates, du, dht, dw, du0, de, dgamma, dh0, chunk_offsets, N, B * H * N,
+        BK, BV = _blocks(K, V, BWD_BV)
+        _bwd_kernel[(triton.cdiv(V, BV), n_seq * H)](
+            w, e, gamma, dstates, du, dht, du0, dnext, dh0, chunk_offsets, N,
             H=H, K=K, V=V, C=C, BK=BK, BV=BV, HAS_DSTATES=dstates is not None, HAS_DU=du is not None,
             HAS_DHT=dht is not None, IS_VARLEN=chunk_offsets is not None, num_warps=NUM_WARPS,
             num_stages=BWD_STAGES,
         )
-        return dw.sum(0), du0, de.sum(0), dgamma.sum(0), dh0.to(ctx.h0_dtype), None, None
+        dw, de, dgamma = torch.empty(B, H, N, C, K, **f32), torch.empty(B, H, N, C, K, **f32), torch.empty(B, H, N, **f32)
+        BK, BV = _blocks(K, V, GRAD_BV)
+        _grads_kernel[(B * H * N,)](
+            states, u, du0, dnext, dw, de, dgamma, K=K, V=V, C=C, BK=BK, BV=BV, LOW=_LOW[w.dtype], num_warps=GRAD_WARPS,
+        )
+        return dw, du0, de, dgamma, dh0.to(ctx.h0_dtype), None, None
 
 
 def across_chunks(
