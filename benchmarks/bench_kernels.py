@@ -185,6 +185,7 @@ SWEEP = {  # module constant of gla_chunk -> (values tried by --sweep, one at a 
     "STATE_MIN_PROGRAMS": ((0, 2**31), 32768),
     "STATE_STAGES": ((1, 3), 32768), "OUT_BV": ((32, 128), 32768), "PAR_BK": ((32,), 32768),
     "PAR_BV": ((32,), 32768), "PAR_WARPS": ((4,), 32768), "PAR_STAGES": ((1, 3), 32768),
+    "SAVE_STATES": ((False,), 32768),
 }
 
 

@@ -76,6 +76,10 @@ PAR_BK, PAR_BV = 64, 64  # state rows per dq / dk program, columns per dv progra
 PAR_WARPS, PAR_STAGES = 8, 2
 SUB_CHUNK = 16  # sub-chunk of the per-channel gate's scores
 CHANNEL_BV = 128  # columns per per-channel output and dv program: each recomputes its diagonal scores
+# the chunk-parallel forward keeps its states (float32, as large as q, k, v and o together in bf16)
+# for the backward; False recomputes them there (one more state pass: ~1.6 GB of traffic per 1M
+# token-heads at D = 128)
+SAVE_STATES = True
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -1111,7 +1115,7 @@ class ChunkGLAFunction(torch.autograd.Function):
         else:
             states, ht = _states(k, v, g, h0, chunks, (H, K, V), 1.0, anticausal, BT)
             o = _outputs(q, k, v, g, states, chunks, scale, anticausal, BT) if q is not None else None
-        ctx.save_for_backward(q, k, v, g, h0, ht, states)
+        ctx.save_for_backward(q, k, v, g, h0, ht, states if SAVE_STATES else None)
         ctx.chunks, ctx.scale, ctx.anticausal, ctx.BT, ctx.walk = chunks, scale, anticausal, BT, walk
         ctx.set_materialize_grads(False)
         return o, (ht if output_final_state else None)
@@ -1123,6 +1127,8 @@ class ChunkGLAFunction(torch.autograd.Function):
             do = torch.zeros_like(v)
         do = do.contiguous() if q is not None else None
         dht = dht.contiguous() if dht is not None else None
+        if not ctx.walk and states is None:
+            states, _ = _states(k, v, g, h0, ctx.chunks, (k.shape[2], k.shape[3], v.shape[3]), 1.0, ctx.anticausal, ctx.BT)
         backward = _walk_backward if ctx.walk else _parallel_backward
         args = (q, k, v, g, h0, ht, do, dht) if ctx.walk else (q, k, v, g, h0, states, do, dht)
         dq, dk, dv, dg, dh0 = backward(*args, ctx.chunks, ctx.scale, ctx.anticausal, ctx.BT)
