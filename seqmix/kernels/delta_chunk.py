@@ -377,11 +377,11 @@ def _causal_decay(G, C: tl.constexpr):
 
 @triton.jit
 def _read_fwd_kernel(
-    q, k, g, states, u, o, S, N,
+    q, k, g, states, u, o, scale, S, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     LOW: tl.constexpr,
 ):
-    """Columns ``i_v`` of chunk ``i_c``'s outputs: ``O = (Q * exp(G)) S_n + Attn U_n``."""
+    """Columns ``i_v`` of chunk ``i_c``'s outputs: ``O = scale * [(Q * exp(G)) S_n + Attn U_n]``."""
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     idx = i_bh.to(tl.int64) * N + i_c
@@ -393,12 +393,12 @@ def _read_fwd_kernel(
     b_attn = _dot(_as(b_q, LOW), tl.trans(b_k)) * _causal_decay(b_G, C)
     b_o = _dot(_as(b_q * tl.exp(b_G)[:, None], LOW), _load(states, idx, K, V, ck, cv))
     b_o += _dot(_as(b_attn, LOW), _load(u, idx, C, V, rc, cv))
-    _store_rows(o, b_o, i_b, i_c, S, i_h, H, V, C, cv)
+    _store_rows(o, scale * b_o, i_b, i_c, S, i_h, H, V, C, cv)
 
 
 @triton.jit
 def _read_bwd_kernel(
-    q, k, g, states, u, do, dq, dk, dg, dstates, du, S, N,
+    q, k, g, states, u, do, dq, dk, dg, dstates, du, scale, S, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     LOW: tl.constexpr,
 ):
@@ -419,7 +419,7 @@ def _read_bwd_kernel(
     b_dattn = tl.zeros([C, C], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         cv = i_v * BV + tl.arange(0, BV)
-        b_do = _as(_chunk_rows(do, i_b, i_c, S, i_h, H, V, C, cv), LOW)
+        b_do = _as(scale * _chunk_rows(do, i_b, i_c, S, i_h, H, V, C, cv), LOW)
         b_dqd += _dot(b_do, tl.trans(_load(states, idx, K, V, ck, cv)))
         b_dattn += _dot(b_do, tl.trans(_load(u, idx, C, V, rc, cv)))
         _store(dstates, idx, K, V, ck, cv, _dot(_as(tl.trans(b_qd), LOW), b_do))
@@ -437,16 +437,16 @@ class ReadChunksFunction(torch.autograd.Function):
     """Autograd wrapper of the read kernels; see :func:`read_chunks`."""
 
     @staticmethod
-    def forward(ctx, q, k, g, states, u, C, dtype):
+    def forward(ctx, q, k, g, states, u, C, dtype, scale):
         B, S, H, K = q.shape
         N, V = states.shape[2], states.shape[-1]
         BK, BV = max(16, triton.next_power_of_2(K)), min(max(16, triton.next_power_of_2(V)), READ_FWD_BV)
-        o = torch.empty(B, S, H, V, dtype=torch.float32, device=q.device)
+        o = torch.empty(B, S, H, V, dtype=dtype, device=q.device)
         _read_fwd_kernel[(triton.cdiv(V, BV), N, B * H)](
-            q, k, g, states, u, o, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=_LOW[dtype], num_warps=READ_FWD_WARPS,
+            q, k, g, states, u, o, scale, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=_LOW[dtype], num_warps=READ_FWD_WARPS,
         )
         ctx.save_for_backward(q, k, g, states, u)
-        ctx.C, ctx.low = C, _LOW[dtype]
+        ctx.C, ctx.low, ctx.scale = C, _LOW[dtype], scale
         return o
 
     @staticmethod
@@ -459,23 +459,26 @@ class ReadChunksFunction(torch.autograd.Function):
         dq, dk, dg = torch.empty_like(q, **f32), torch.empty_like(k, **f32), torch.empty_like(g, **f32)
         dstates, du = torch.empty_like(states, **f32), torch.empty_like(u, **f32)
         _read_bwd_kernel[(N, B * H)](
-            q, k, g, states, u, do.contiguous(), dq, dk, dg, dstates, du, S, N,
+            q, k, g, states, u, do.contiguous(), dq, dk, dg, dstates, du, ctx.scale, S, N,
             H=H, K=K, V=V, C=ctx.C, BK=BK, BV=BV, LOW=ctx.low, num_warps=READ_BWD_WARPS,
         )
-        return dq.to(q.dtype), dk.to(k.dtype), dg.to(g.dtype), dstates, du, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dg.to(g.dtype), dstates, du, None, None, None
 
 
-def read_chunks(q: Tensor, k: Tensor, g: Tensor, states: Tensor, u: Tensor, C: int, dtype: torch.dtype) -> Tensor:
-    """The queries' reads, ``O_n = (Q_n * exp(G)) S_n + ((Q_n K_n^T) * exp(G_i - G_j) [j <= i]) U_n``
+def read_chunks(
+    q: Tensor, k: Tensor, g: Tensor, states: Tensor, u: Tensor, C: int, dtype: torch.dtype, scale: float
+) -> Tensor:
+    """The queries' reads, ``O_n = scale * [(Q_n * exp(G)) S_n + ((Q_n K_n^T) * exp(G_i - G_j) [j <= i]) U_n]``
     per chunk ``n``, one program per chunk, head (and block of columns), differentiable.
 
     Args: ``q, k [B, S, H, K]``, ``g [B, S, H]``, entering states ``[B, H, N, K, V]`` and
-    ``U [B, H, N, C, V]`` (float32, from :func:`across_chunks`); ``dtype`` the products' operand dtype.
+    ``U [B, H, N, C, V]`` (float32, from :func:`across_chunks`); ``dtype`` the products' operand
+    dtype and the output's.
 
-    Returns ``o [B, S, H, V]`` float32 (unscaled).
+    Returns ``o [B, S, H, V]`` in ``dtype``.
     """
     q, k, g, states, u = (t.contiguous() for t in (q, k, g, states, u))
-    return ReadChunksFunction.apply(q, k, g, states, u, C, dtype)
+    return ReadChunksFunction.apply(q, k, g, states, u, C, dtype, float(scale))
 
 
 # ----------------------------------------------------------------------------- launchers

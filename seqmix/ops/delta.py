@@ -242,16 +242,14 @@ def _solve_chunks(k: Tensor, v: Tensor, beta: Tensor, g: Tensor, C: int) -> tupl
     return w, u0, k_to_end, G[..., -1].exp()
 
 
-def _read_chunks(q: Tensor, k: Tensor, g: Tensor, entering: Tensor, U: Tensor, C: int,
-                 product_dtype: torch.dtype | None = None) -> Tensor:
-    """The queries' reads ``O = (Q * exp(G)) S_n + ((Q K^T) * exp(G_i - G_j) [j <= i]) U_n`` per
-    chunk, as ``o [B, S, H, V]`` in the state's dtype; ``product_dtype`` (default: the state's) is
-    the products' operand dtype. The Triton form is :func:`seqmix.kernels.delta_chunk.read_chunks`."""
+def _read_chunks(q: Tensor, k: Tensor, g: Tensor, entering: Tensor, U: Tensor, C: int, scale: float) -> Tensor:
+    """The queries' reads ``O = scale * [(Q * exp(G)) S_n + ((Q K^T) * exp(G_i - G_j) [j <= i]) U_n]``
+    per chunk, as ``o [B, S, H, V]`` in the state's dtype. The Triton form is
+    :func:`seqmix.kernels.delta_chunk.read_chunks`."""
     G, diff = _chunk_gates(g, C)
     qc, kc = _to_chunks(q, C), _to_chunks(k, C)
-    mm = product_dtype or entering.dtype
     q_from_start, attn = qc * G.exp()[..., None], (qc @ kc.transpose(-1, -2)) * _decay(diff, 0)
-    o = (q_from_start.to(mm) @ entering.to(mm) + attn.to(mm) @ U.to(mm)).to(entering.dtype)  # (B, H, N, C, V)
+    o = scale * (q_from_start @ entering + attn @ U)  # (B, H, N, C, V)
     B, H, N, _, V = o.shape
     return o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, : q.shape[1]]
 
@@ -273,7 +271,7 @@ def _chunked_scan(
     q: Tensor | None, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, state: Tensor, chunk_size: int,
     solve: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]] = _solve_chunks,
     across: Callable[..., tuple[Tensor, Tensor, Tensor]] = _across_chunks,
-    read: Callable[..., Tensor] = _read_chunks,
+    read: Callable[..., Tensor] = partial(_read_chunks, scale=1.0),
 ) -> tuple[Tensor | None, Tensor]:
     """The forward recurrence in chunks of C tokens; reads ``S_t^T q_t`` (inclusive) when q is given.
 
@@ -291,7 +289,7 @@ def _chunked_scan(
     ``W, U0``, keys decayed to its end and decay. Only the state recurrence is sequential:
     ``across(w, u0, k_to_end, gamma, state)`` (the loop :func:`_across_chunks`, or the Triton
     kernel) gives every chunk's entering state and ``U``; ``read(q, k, g, entering, U, C)``
-    (:func:`_read_chunks`, or the Triton kernels) the outputs ``O``.
+    (:func:`_read_chunks` with its scale, or the Triton kernels) the outputs ``scale * O``.
     """
     entering, U, state = across(*solve(k, v, beta, g, chunk_size), state)
     if q is None:
@@ -309,10 +307,10 @@ def _reversed_inputs(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor) -
 
 def _by_pattern(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, state: Tensor, *, causal: bool, cross: bool,
-    scan: Callable[..., tuple[Tensor | None, Tensor]],
+    scan: Callable[..., tuple[Tensor | None, Tensor]], scale: float,
 ) -> tuple[Tensor, Tensor]:
-    """The patterns from the causal scan ``scan(q or None, k, v, beta, g, state)``: unscaled ``o``
-    and the final state.
+    """The patterns from the causal scan ``scan(q or None, k, v, beta, g, state)``, whose reads
+    are scaled by ``scale``: ``o`` (scaled) and the final state.
 
     The noncausal-self backward part reuses the causal scan on the flipped sequence (gate ``g``
     flipped and shifted by one): its read before reversed token ``s`` with query
@@ -322,7 +320,7 @@ def _by_pattern(
         return scan(q, k, v, beta, g, state)
     if cross:
         _, final = scan(None, k, v, beta, g, state)
-        return torch.einsum("bthk,bhkv->bthv", q.to(final.dtype), final), final
+        return scale * torch.einsum("bthk,bhkv->bthv", q.to(final.dtype), final), final
     o, final = scan(q, k, v, beta, g, state)
     qb, kb, vb, bb, gb = _reversed_inputs(q, k, v, beta, g)
     q_next = torch.cat([qb[:, 1:] * gb[:, 1:, :, None].exp(), torch.zeros_like(qb[:, :1])], dim=1)
@@ -348,9 +346,10 @@ def delta_rule_chunked(
     :func:`_by_pattern`); inputs are not checked."""
     scale, out_dtype = resolve_scale(scale, q.shape[-1]), q.dtype
     q, k, v, beta, g, state = _prepare(q, k, v, beta, g, initial_state)
-    scan = partial(_chunked_scan, chunk_size=min(chunk_size, k.shape[1]))
-    o, final = _by_pattern(q, k, v, beta, g, state, causal=causal, cross=cross, scan=scan)
-    return (scale * o).to(out_dtype), (final if output_final_state else None)
+    C = min(chunk_size, k.shape[1])
+    scan = partial(_chunked_scan, chunk_size=C, read=partial(_read_chunks, scale=scale))
+    o, final = _by_pattern(q, k, v, beta, g, state, causal=causal, cross=cross, scan=scan, scale=scale)
+    return o.to(out_dtype), (final if output_final_state else None)
 
 
 def _chunk_aligned(cu_seqlens: Tensor, C: int) -> tuple[Tensor, Tensor, int]:
@@ -397,10 +396,10 @@ def delta_rule_triton(
         return o[:, None], (final if output_final_state else None)
     n_seq = None if cu_seqlens is None else cu_seqlens.numel() - 1
     q, k, v, beta, g, state = _prepare(q, k, v, beta, g, initial_state, n_seq, keep_inputs=True)
-    triton_parts = dict(solve=partial(solve_chunks, dtype=out_dtype), read=partial(read_chunks, dtype=out_dtype))
+    triton_parts = dict(solve=partial(solve_chunks, dtype=out_dtype), read=partial(read_chunks, dtype=out_dtype, scale=scale))
     if cu_seqlens is None:
         scan = partial(_chunked_scan, chunk_size=chunk_size, across=partial(across_chunks, dtype=out_dtype), **triton_parts)
-        o, final = _by_pattern(q, k, v, beta, g, state, causal=causal, cross=cross, scan=scan)
+        o, final = _by_pattern(q, k, v, beta, g, state, causal=causal, cross=cross, scan=scan, scale=scale)
     else:
         slots, offsets, length = _chunk_aligned(cu_seqlens, chunk_size)
 
@@ -410,7 +409,7 @@ def delta_rule_triton(
         across = partial(across_chunks, chunk_offsets=offsets, dtype=out_dtype)
         o, final = _chunked_scan(*map(aligned, (q, k, v, beta, g)), state, chunk_size, across=across, **triton_parts)
         o = o[:, slots]
-    return (scale * o).to(out_dtype), (final if output_final_state else None)
+    return o.to(out_dtype), (final if output_final_state else None)
 
 
 def _each_sequence(
