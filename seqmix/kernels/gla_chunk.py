@@ -61,9 +61,11 @@ BWD_BK = 64  # state rows per dq / dk walk
 BWD_BV = 64  # state columns per dv walk
 FWD_WARPS, FWD_STAGES = 4, 3
 BWD_WARPS, BWD_STAGES = 4, 2
-# sequences x heads below which the chunk-parallel form replaces the walks: the forward walks are
-# 2 per sequence and head (D = 128), two fit on a multiprocessor, an H100 has 132
-TARGET_PROGRAMS = 128
+# sequences x heads below which the chunk-parallel form replaces the walks, by measurement (H100,
+# Triton 3.6, bf16, H = 16, D = 128, 65,536 tokens, fwd+bwd; benchmarks/kernels.md, v4): walks
+# 3.65 / 4.23 / 7.35 ms at T = 2K / 8K / 32K (64 / 16 / 2 sequences), chunk-parallel 8.02 / 7.99 /
+# 9.41 ms. The walks' time grows with T / (sequences x heads); the chunk-parallel form's does not.
+TARGET_PROGRAMS = 32
 # chunk-parallel kernels: 8 warps, as with 4 every one of them spills (sm_90, bf16, D = 128)
 # (state rows = columns, warps) per program of the inter-chunk passes: the largest tile of
 # STATE_TILES that still gives STATE_MIN_PROGRAMS programs (these passes are sequential over the
