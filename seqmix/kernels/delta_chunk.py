@@ -115,7 +115,7 @@ def _as(x, LOW: tl.constexpr):
 def _fwd_kernel(
     w, u0, e, gamma, h0, states, u, ht, chunk_offsets, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    LOW: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """States, pseudo-values and final state of columns ``i_v`` of one sequence and head."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -127,10 +127,10 @@ def _fwd_kernel(
     for c in range(c0, c1):
         idx = first + c
         _store(states, idx, K, V, ck, cv, b_S)
-        b_w = _load(w, idx, C, K, rc, ck)
+        b_w = _as(_load(w, idx, C, K, rc, ck), LOW)
         b_u = _load(u0, idx, C, V, rc, cv).to(tl.float32) - _dot(b_w, b_S)  # [C, BV]
         _store(u, idx, C, V, rc, cv, b_u)
-        b_e = _load(e, idx, C, K, rc, ck)
+        b_e = _as(_load(e, idx, C, K, rc, ck), LOW)
         b_S = tl.load(gamma + idx) * b_S + _dot(tl.trans(b_e), b_u)
     _store(ht, i_nh.to(tl.int64), K, V, ck, cv, b_S)
 
@@ -139,7 +139,7 @@ def _fwd_kernel(
 def _bwd_kernel(
     w, e, gamma, dstates, du, dht, du0, dnext, dh0, chunk_offsets, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_DSTATES: tl.constexpr, HAS_DU: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    LOW: tl.constexpr, HAS_DSTATES: tl.constexpr, HAS_DU: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """Columns ``i_v`` of one sequence and head, walking its chunks backward: ``dU0_n`` and the
     gradient of each chunk's leaving state ``dS_{n+1}`` (into ``dnext``), then ``dS_0``."""
@@ -154,11 +154,11 @@ def _bwd_kernel(
     for i in range(c1 - c0):
         idx = first + c1 - 1 - i
         _store(dnext, idx, K, V, ck, cv, b_dS)
-        b_du = _dot(_load(e, idx, C, K, rc, ck), b_dS)  # [C, BV]
+        b_du = _dot(_as(_load(e, idx, C, K, rc, ck), LOW), b_dS)  # [C, BV]
         if HAS_DU:
             b_du += _load(du, idx, C, V, rc, cv).to(tl.float32)
         _store(du0, idx, C, V, rc, cv, b_du)
-        b_dS = tl.load(gamma + idx) * b_dS - _dot(tl.trans(_load(w, idx, C, K, rc, ck)), b_du)
+        b_dS = tl.load(gamma + idx) * b_dS - _dot(tl.trans(_as(_load(w, idx, C, K, rc, ck), LOW)), b_du)
         if HAS_DSTATES:
             b_dS += _load(dstates, idx, K, V, ck, cv)
     _store(dh0, i_nh.to(tl.int64), K, V, ck, cv, b_dS)
@@ -496,7 +496,6 @@ class AcrossChunksFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, u0, e, gamma, h0, chunk_offsets, dtype):
-        w, u0, e = (t.to(dtype).contiguous() for t in (w, u0, e))
         B, H, N, C, K = w.shape
         V = u0.shape[-1]
         n_seq = h0.shape[0]
@@ -506,11 +505,11 @@ class AcrossChunksFunction(torch.autograd.Function):
         ht = torch.empty(n_seq, H, K, V, dtype=torch.float32, device=w.device)
         _fwd_kernel[(triton.cdiv(V, BV), n_seq * H)](
             w, u0, e, gamma, h0, states, u, ht, chunk_offsets, N,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BV, IS_VARLEN=chunk_offsets is not None, num_warps=NUM_WARPS,
-            num_stages=FWD_STAGES,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=_LOW[dtype], IS_VARLEN=chunk_offsets is not None,
+            num_warps=NUM_WARPS, num_stages=FWD_STAGES,
         )
         ctx.save_for_backward(w, e, gamma, states, u, chunk_offsets)
-        ctx.h0_dtype = h0.dtype
+        ctx.h0_dtype, ctx.low = h0.dtype, _LOW[dtype]
         ctx.set_materialize_grads(False)
         return states, u, ht
 
@@ -527,14 +526,14 @@ class AcrossChunksFunction(torch.autograd.Function):
         BK, BV = _blocks(K, V, BWD_BV)
         _bwd_kernel[(triton.cdiv(V, BV), n_seq * H)](
             w, e, gamma, dstates, du, dht, du0, dnext, dh0, chunk_offsets, N,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BV, HAS_DSTATES=dstates is not None, HAS_DU=du is not None,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=ctx.low, HAS_DSTATES=dstates is not None, HAS_DU=du is not None,
             HAS_DHT=dht is not None, IS_VARLEN=chunk_offsets is not None, num_warps=NUM_WARPS,
             num_stages=BWD_STAGES,
         )
         dw, de, dgamma = torch.empty(B, H, N, C, K, **f32), torch.empty(B, H, N, C, K, **f32), torch.empty(B, H, N, **f32)
         BK, BV = _blocks(K, V, GRAD_BV)
         _grads_kernel[(B * H * N,)](
-            states, u, du0, dnext, dw, de, dgamma, K=K, V=V, C=C, BK=BK, BV=BV, LOW=_LOW[w.dtype], num_warps=GRAD_WARPS,
+            states, u, du0, dnext, dw, de, dgamma, K=K, V=V, C=C, BK=BK, BV=BV, LOW=ctx.low, num_warps=GRAD_WARPS,
         )
         return dw, du0, de, dgamma, dh0.to(ctx.h0_dtype), None, None
 
@@ -549,11 +548,11 @@ def across_chunks(
         w, e: ``[B, H, N, C, K]``; u0: ``[B, H, N, C, V]``, float32; gamma: chunk decays ``[B, H, N]``, float32.
         initial_state: ``[N_seq, H, K, V]`` (``N_seq = B``, or the number of packed sequences).
         chunk_offsets: ``[N_seq + 1]`` int32 chunk offsets of packed sequences (``B = 1``), or ``None``.
-        dtype: operand dtype of the products (``W, U0, E`` are read in it, the state and ``U`` are
-            cast to it); accumulation, states and gradients stay float32.
+        dtype: operand dtype of the products (``W, E``, the state and ``U`` are cast to it as they
+            are read); accumulation, states and gradients stay float32.
 
     Returns the entering states ``[B, H, N, K, V]``, the pseudo-values ``U [B, H, N, C, V]`` and the
     final states ``[N_seq, H, K, V]``, all float32.
     """
-    gamma, initial_state = gamma.contiguous(), initial_state.contiguous()
+    w, u0, e, gamma, initial_state = (t.contiguous() for t in (w, u0, e, gamma, initial_state))
     return AcrossChunksFunction.apply(w, u0, e, gamma, initial_state, chunk_offsets, dtype)
