@@ -10,9 +10,10 @@ and the efficiency length (the shortest T at which the per-head-gate kernel beat
 from __future__ import annotations
 
 import argparse
-import time
 import importlib.metadata
 import importlib.util
+import time
+from functools import partial
 from typing import Callable
 
 import torch
@@ -90,8 +91,8 @@ def peers() -> dict[str, Callable]:
     }
 
 
-# (name, function, input kind, name of the peer row it is compared with)
-def rows(fla: dict[str, Callable]) -> list[tuple[str, Callable, str, str | None]]:
+# (name, function, its inputs at length T, name of the peer row it is compared with)
+def rows(fla: dict[str, Callable]) -> list[tuple[str, Callable, Callable[[int], dict], str | None]]:
     out = [
         ("head gate, causal", ours(True), "head", "fla chunk_simple_gla"),
         ("head gate, causal, walks", ours(True, walks=True), "head", "fla chunk_simple_gla"),
@@ -101,16 +102,18 @@ def rows(fla: dict[str, Callable]) -> list[tuple[str, Callable, str, str | None]
     ]
     names = {"head": "fla chunk_simple_gla", "channel": "fla chunk_gla"}
     out += [(names[kind], fn, kind, None) for kind, fn in fla.items()]
-    return out + [("sdpa causal", sdpa, "none", None)]
+    out.append(("sdpa causal", sdpa, "none", None))
+    return [(name, fn, partial(inputs, kind=kind), peer) for name, fn, kind, peer in out]
 
 
-def table(lengths: list[int]) -> None:
-    fla = peers()
+def table(lengths: list[int], rows: list[tuple[str, Callable, Callable[[int], dict], str | None]]) -> None:
+    """fwd and fwd+bwd times of ``rows`` (name, function, inputs at length T, name of the peer row),
+    peers first, each with its ratio to its peer."""
     print(f"{'case':<28} {'T':>6} {'fwd ms':>8} {'fwd+bwd':>8} {'peer':>8} {'ratio':>6}")
     for T in lengths:
         times = {}
-        for name, fn, kind, peer in sorted(rows(fla), key=lambda r: r[3] is not None):  # peers first
-            x = inputs(T, kind)
+        for name, fn, make, peer in sorted(rows, key=lambda r: r[3] is not None):
+            x = make(T)
             times[name] = (timed(fn, x, False), timed(fn, x, True))
             del x
             fwd, both = times[name]
@@ -126,8 +129,8 @@ def delta_inputs(T: int, gated: bool, seed: int = 0) -> dict[str, torch.Tensor |
     return x
 
 
-def delta_rows() -> list[tuple[str, Callable, bool, str | None]]:
-    """(name, function, gated, name of the peer row) for the delta rule; fla's chunk_gated_delta_rule
+def delta_rows() -> list[tuple[str, Callable, Callable[[int], dict], str | None]]:
+    """(name, function, inputs at length T, name of the peer row) for the delta rule; fla's chunk_gated_delta_rule
     (and chunk_delta_rule) when installed, its Hopper guard lifted for timing."""
     def ours(causal: bool) -> Callable:
         def fn(x):
@@ -151,21 +154,7 @@ def delta_rows() -> list[tuple[str, Callable, bool, str | None]]:
             ("fla chunk_gated_delta_rule", lambda x: chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"].float(), x["beta"])[0], True, None),
             ("fla chunk_delta_rule", lambda x: chunk_delta_rule(x["q"], x["k"], x["v"], x["beta"])[0], False, None),
         ]
-    return out
-
-
-def delta_table(lengths: list[int]) -> None:
-    """The delta rule's fwd and fwd+bwd times beside fla's (peers first), bf16, H=16, D=128."""
-    print(f"{'case':<28} {'T':>6} {'fwd ms':>8} {'fwd+bwd':>8} {'peer':>8} {'ratio':>6}")
-    for T in lengths:
-        times = {}
-        for name, fn, gated, peer in sorted(delta_rows(), key=lambda r: r[3] is not None):
-            x = delta_inputs(T, gated)
-            times[name] = (timed(fn, x, False), timed(fn, x, True))
-            del x
-            fwd, both = times[name]
-            ref = f"{times[peer][1]:8.3f} {both / times[peer][1]:6.2f}" if peer in times else ""
-            print(f"{name:<28} {T:>6} {fwd:8.3f} {both:8.3f} {ref}  (at {time.perf_counter() - START:.0f}s)", flush=True)
+    return [(name, fn, partial(delta_inputs, gated=gated), peer) for name, fn, gated, peer in out]
 
 
 def efficiency_length() -> None:
@@ -278,10 +267,10 @@ def main() -> None:
     if args.inspect:
         return inspect()
     if args.delta:
-        return delta_table(args.lengths)
+        return table(args.lengths, delta_rows())
     if args.sweep:
         sweep()
-    table(args.lengths)
+    table(args.lengths, rows(peers()))
     if args.decoding:
         decoding()
     if args.efficiency:
