@@ -1,4 +1,4 @@
-"""Small pieces shared by mixers: short causal convolutions, rotary embeddings, masking."""
+"""Small pieces shared by mixers: short causal convolutions, rotary embeddings, masking, norms."""
 
 from __future__ import annotations
 
@@ -6,6 +6,12 @@ import torch
 from torch import nn
 
 from seqmix.ops.conv import short_conv
+
+
+def normed(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` computed in the norm's weight dtype, returned in ``x``'s: under autocast a bf16
+    ``x`` would meet float32 weights, which has no fused kernel (and warns)."""
+    return norm(x.to(norm.weight.dtype)).to(x.dtype)
 
 
 def zero_padded(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

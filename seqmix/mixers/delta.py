@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.mixers._layers import ShortConv, split_heads, zero_padded
+from seqmix.mixers._layers import ShortConv, normed, split_heads, zero_padded
 from seqmix.mixers.recurrent import RecurrentMixer
 from seqmix.mixers.registry import register
 from seqmix.ops.delta import delta_rule
@@ -66,7 +66,7 @@ class DeltaNet(RecurrentMixer):
         return self.scale * torch.einsum("bthk,bhkv->bthv", fq["q"], S.to(fq["q"].dtype))
 
     def _out(self, o, fq):
-        o = self.norm(o)
+        o = normed(self.norm, o)
         if self.gated:
             o = o * F.silu(fq["r"])
         return self.o_proj(o.flatten(2))

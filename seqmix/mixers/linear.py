@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.mixers._layers import ShortConv, split_heads, zero_padded
+from seqmix.mixers._layers import ShortConv, normed, split_heads, zero_padded
 from seqmix.mixers.base import Mixer
 from seqmix.mixers.recurrent import RecurrentMixer
 from seqmix.mixers.registry import register
@@ -162,7 +162,7 @@ class RetNet(_GatedLinearMixer):
         return {"q": q, "k": zero_padded(k, mask), "v": v, "g": zero_padded(g, mask), "r": r}, None
 
     def _out(self, o, fq):
-        return self.o_proj((self.norm(o) * F.silu(fq["r"])).flatten(2))
+        return self.o_proj((normed(self.norm, o) * F.silu(fq["r"])).flatten(2))
 
 
 @register
@@ -190,7 +190,7 @@ class GLA(_GatedLinearMixer):
         return {"q": q, "k": zero_padded(k, mask), "v": v, "g": zero_padded(g, mask), "r": r}, None
 
     def _out(self, o, fq):
-        return self.o_proj((self.norm(o) * F.silu(fq["r"])).flatten(2))
+        return self.o_proj((normed(self.norm, o) * F.silu(fq["r"])).flatten(2))
 
 
 @register
@@ -228,7 +228,7 @@ class Mamba2(_GatedLinearMixer):
 
     def _out(self, o, fq):
         y = o + self.D[:, None] * fq["x"]
-        return self.o_proj(self.norm(y.flatten(2) * F.silu(fq["z"])))
+        return self.o_proj(normed(self.norm, y.flatten(2) * F.silu(fq["z"])))
 
     def _zero_state(self, batch_size):
         return {**super()._zero_state(batch_size), "conv": self.conv.init_state(batch_size, self.o_proj.weight)}
