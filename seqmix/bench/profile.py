@@ -2,15 +2,15 @@
 
 A sweep measures every case (``profile_cases``) in every asked mode and pattern it serves, at each
 length, with ``tokens // T`` sequences per step (or a fixed ``--batch``); in ``step`` mode, one
-decoding step against a context of each length, at each ``--step-batches`` size (on CUDA timed
-as a CUDA-graph replay, as a decoding loop would run it, host launch overhead out; the eager
-time is kept in the point's note). Each point is warmed up, then timed (median of repeats) and measured for peak memory (``measure``). Out of
-memory is recorded as ``OOM`` and the sweep goes on; a point predicted (from the case's measured
-growth) or found (a warm call) to exceed ``--time-cap-s`` is recorded as skipped, and so is every
-point once ``--budget-s`` has passed. Rows go to the ``profile`` table of ``--db`` as they come;
-the Markdown report and the plots (``profile_report``) go to ``--out``. Sweeps made apart (one
-device call each) merge into one results file and one report with ``--merge`` and
-``--report-only``.
+decoding step against a context of each length, at each ``--step-batches`` size (on CUDA timed as a
+CUDA-graph replay, as a decoding loop would run it, host launch overhead out; the eager time is
+kept in the point's note). Each point is warmed up, then timed (median of repeats) and measured for
+peak memory (``measure``). Out of memory is recorded as ``OOM`` and the sweep goes on; a point
+predicted (from the case's measured growth) or found (a warm call) to exceed ``--time-cap-s`` is
+recorded as skipped, and so is every point once ``--budget-s`` has passed. Rows go to the
+``profile`` table of ``--db`` as they come; the Markdown report and the plots (``profile_report``)
+go to ``--out``. Sweeps made apart (one device call each) merge into one results file and one
+report with ``--merge`` and ``--report-only``.
 """
 
 from __future__ import annotations
