@@ -147,12 +147,7 @@ class SoftmaxAttention(Mixer):
         From the empty state this is the forward's attention (SDPA); after earlier tokens, an
         explicit ``[T, cached + T]`` mask. Padded positions (``mask`` False) are keys nobody reads.
         """
-        self._check_seq("x", x)
-        if context is not None:
-            self._check_context(x, context, aligned=True)
-        mask = self._check_mask("mask", mask, x)
-        if not isinstance(state, dict) or state.get("memory") is not None:
-            raise ValueError(f"{self.name}: prefill continues a causal state from init_state(batch_size)")
+        mask = self._check_prefill(x, state, context, mask)
         pos, T = state["pos"], x.shape[1]
         positions = torch.arange(pos, pos + T, device=x.device)
         q, (k, v) = self._q(x, positions), self._kv(x if context is None else context, positions)

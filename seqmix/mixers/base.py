@@ -161,6 +161,17 @@ class Mixer(nn.Module):
         if aligned and context.shape[1] != x.shape[1]:
             raise ValueError(f"{self.name}: causal cross needs aligned sequences, x has length {x.shape[1]} and context {context.shape[1]}")
 
+    def _check_prefill(self, x: torch.Tensor, state: State, context: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The arguments of a parallel ``prefill`` (``state`` a causal one from ``init_state``);
+        returns the checked ``mask``."""
+        self._check_seq("x", x)
+        if context is not None:
+            self._check_context(x, context, aligned=True)
+        mask = self._check_mask("mask", mask, x)
+        if not isinstance(state, dict) or state.get("memory") is not None:
+            raise ValueError(f"{self.name}: prefill continues a causal state from init_state(batch_size), not a noncausal cross one")
+        return mask
+
     def _check_token(self, name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> None:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{self.name}: {name} must be a torch.Tensor, got {type(t).__name__}")

@@ -97,12 +97,7 @@ class LinearAttention(Mixer):
         """The parallel causal form started from ``(S, z)``: the numerator and the normaliser as one
         gated-linear-attention pass (no gate) over values ``[v, 1]`` from the state ``[S, z]``;
         padded positions write nothing (zero keys)."""
-        self._check_seq("x", x)
-        if context is not None:
-            self._check_context(x, context, aligned=True)
-        mask = self._check_mask("mask", mask, x)
-        if state.get("memory"):
-            raise ValueError(f"{self.name}: prefill continues a causal state; this one is for noncausal cross decoding")
+        mask = self._check_prefill(x, state, context, mask)
         qf, kf, v = self._features(x, x if context is None else context, mask)
         S, z = state["S"], state["z"]
         o, final = gated_linear_attention(

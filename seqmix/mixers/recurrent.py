@@ -47,12 +47,7 @@ class RecurrentMixer(Mixer):
     def prefill(self, x, state, *, context=None, mask=None):
         """The parallel (chunked) form started from ``state``; padded positions write nothing and
         decay nothing (zero keys and gates, as in ``forward``)."""
-        self._check_seq("x", x)
-        if context is not None:
-            self._check_context(x, context, aligned=True)
-        mask = self._check_mask("mask", mask, x)
-        if state.get("memory"):
-            raise ValueError(f"{self.name}: prefill continues a causal state; this one is for noncausal cross decoding")
+        mask = self._check_prefill(x, state, context, mask)
         pattern = Pattern.CAUSAL_SELF if context is None else Pattern.CAUSAL_CROSS
         return self._mix(x, context, pattern, mask, None if context is None else mask, state)
 

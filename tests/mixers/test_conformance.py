@@ -194,6 +194,14 @@ def test_split_with_carried_state_equals_whole(name, pattern):
     assert rel_err(torch.cat([y1, y2], dim=1), y) < 1e-10
 
 
+@pytest.mark.parametrize("name", [n for n in seqmix.list_mixers() if {Pattern.CAUSAL_SELF, Pattern.NONCAUSAL_CROSS} <= seqmix.mixers.mixer_class(n).patterns])
+def test_prefill_refuses_a_noncausal_cross_state(name):
+    mixer = build(name)
+    x, context = inputs(Pattern.NONCAUSAL_CROSS, T_CTX)
+    with pytest.raises(ValueError, match="prefill continues a causal state"):
+        mixer.prefill(x, mixer.init_state(B, context=context))
+
+
 @pytest.mark.parametrize("name", [n for n in seqmix.list_mixers() if Pattern.CAUSAL_SELF in seqmix.mixers.mixer_class(n).patterns])
 def test_state_size_counts_the_state_held(name):
     mixer = build(name)
