@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import seqmix.ops
+from seqmix.bench.backends import mixer_backend, softmax_auto
 from seqmix.mixers import build_mixer, list_mixers, mixer_class, mixer_options
 from seqmix.mixers.recurrent import RecurrentMixer
 from seqmix.ops._checks import resolve_backend
@@ -162,11 +163,6 @@ def sdpa_context(pin_flash: bool) -> contextlib.AbstractContextManager:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
-
-
-def softmax_auto(device: torch.device, windowed: bool) -> str:
-    """``softmax_attention``'s own ``"auto"``: FlexAttention for windows on CUDA, else SDPA."""
-    return "flex" if windowed and device.type == "cuda" else "sdpa"
 
 
 def probe_backends(op: str, make: Callable[[str], Callable[[Shape], Run]], candidates: tuple[str, ...], tiny: Shape) -> tuple[str, ...]:
@@ -390,14 +386,6 @@ def op_cases(names: list[str], tiny: Shape) -> CaseSet:
 
 
 # -- mixers ------------------------------------------------------------------------------------
-
-
-def mixer_backend(name: str, device: torch.device, windowed: bool) -> str:
-    """What ``backend="auto"`` stands for in mixer ``name`` on ``device`` (see the module docstring)."""
-    backends = mixer_class(name).backends
-    if "sdpa" in backends:
-        return softmax_auto(device, windowed)
-    return resolve_backend(name, "auto", backends, device)
 
 
 def _random_like(t: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ from torch import nn
 from seqmix import models as model_lib
 from seqmix import tasks as task_lib
 from seqmix.bench import parallel, store
+from seqmix.bench.backends import mixer_backend
 from seqmix.bench.config import Plan, RunConfig
 from seqmix.distributed import all_reduce_gradients
 from seqmix.mixers import Mixer
@@ -105,9 +106,17 @@ def build(config: RunConfig) -> tuple[Any, nn.Module]:
     return task, model
 
 
-def mixer_backends(model: nn.Module) -> list[str]:
-    """``"name:backend"`` of each distinct mixer in ``model`` (the backend setting, e.g. ``auto``)."""
-    return sorted({f"{m.name}:{getattr(m, 'backend', 'n/a')}" for m in model.modules() if isinstance(m, Mixer)})
+def mixer_backends(model: nn.Module, device: torch.device) -> list[str]:
+    """``"name:backend"`` of each distinct mixer in ``model``, ``"auto"`` with what it stands for on
+    ``device`` (e.g. ``gla:auto=triton``)."""
+    found = set()
+    for m in model.modules():
+        if isinstance(m, Mixer):
+            backend = getattr(m, "backend", "n/a")
+            if backend == "auto":
+                backend = f"auto={mixer_backend(m.name, device, windowed=getattr(m, 'window', None) is not None)}"
+            found.add(f"{m.name}:{backend}")
+    return sorted(found)
 
 
 def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -287,7 +296,7 @@ def _train(config: RunConfig, on_progress: Callable[[int, int, str], None] | Non
         "train_loss": losses[-1] if losses else None,
         "train_s": train_s,
         "train_tokens": tokens,
-        "backends": mixer_backends(model),
+        "backends": mixer_backends(model, device),
         "memory_measure": measure,
         "threads": torch.get_num_threads(),
         "cpu_s": time.process_time() - cpu0,
