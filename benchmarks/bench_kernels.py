@@ -5,6 +5,7 @@ bf16, H=16, D=128, 65,536 tokens per step (B = 65,536 / T), fwd+bwd (and fwd alo
 and the efficiency length (the shortest T at which the per-head-gate kernel beats SDPA causal).
 
     python benchmarks/bench_kernels.py [--lengths 2048 8192 32768] [--sweep] [--decoding] [--efficiency] [--delta]
+    python benchmarks/bench_kernels.py --breakdown [--delta] [--lengths 8192]   # GPU time per kernel
 """
 
 from __future__ import annotations
@@ -244,6 +245,27 @@ def profile_step() -> None:
         timed_once(ours(True), x)
 
 
+def breakdown(lengths: list[int], rows: list[tuple[str, Callable, Callable[[int], dict], str | None]]) -> None:
+    """GPU time of each kernel in one fwd+bwd of each row (torch.profiler, mean of 5 after a warm-up),
+    largest first, with the row's total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for T in lengths:
+        for name, fn, make, _ in rows:
+            x = make(T)
+            timed_once(fn, x)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    timed_once(fn, x)
+            events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+            events.sort(key=lambda e: -e.device_time_total)
+            total = sum(e.device_time_total for e in events) / 5e3
+            print(f"{name} T={T}: {total:.3f} ms of kernels per fwd+bwd", flush=True)
+            for e in events:
+                print(f"  {e.device_time_total / 5e3:8.3f} ms {e.count // 5:4d}x  {e.key[:90]}")
+            del x
+
+
 def timed_once(fn: Callable, x: dict) -> None:
     leaves = [t.requires_grad_() for t in x.values() if t is not None]
     torch.autograd.grad(fn(x), leaves, torch.randn_like(x["v"]))
@@ -259,6 +281,7 @@ def main() -> None:
     parser.add_argument("--profile-step", action="store_true", help="run one fwd+bwd for ncu and exit")
     parser.add_argument("--decoding", action="store_true", help="also time the fused decoding step")
     parser.add_argument("--delta", action="store_true", help="time the delta rule beside fla instead of GLA")
+    parser.add_argument("--breakdown", action="store_true", help="GPU time per kernel of each row instead of the table")
     args = parser.parse_args()
     if args.profile_step:
         return profile_step()
@@ -266,6 +289,8 @@ def main() -> None:
           f"fla {importlib.metadata.version('fla-core') if importlib.util.find_spec('fla') else 'absent'}")
     if args.inspect:
         return inspect()
+    if args.breakdown:
+        return breakdown(args.lengths, delta_rows() if args.delta else rows({}))
     if args.delta:
         return table(args.lengths, delta_rows())
     if args.sweep:
