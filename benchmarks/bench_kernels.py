@@ -5,6 +5,7 @@ bf16, H=16, D=128, 65,536 tokens per step (B = 65,536 / T), fwd+bwd (and fwd alo
 and the efficiency length (the shortest T at which the per-head-gate kernel beats SDPA causal).
 
     python benchmarks/bench_kernels.py [--lengths 2048 8192 32768] [--sweep] [--decoding] [--efficiency] [--delta]
+                                       [--rows "head gate" ...]   # rows whose names contain these, and their peers
     python benchmarks/bench_kernels.py --breakdown [--delta] [--lengths 8192]   # GPU time per kernel
 """
 
@@ -282,6 +283,7 @@ def main() -> None:
     parser.add_argument("--decoding", action="store_true", help="also time the fused decoding step")
     parser.add_argument("--delta", action="store_true", help="time the delta rule beside fla instead of GLA")
     parser.add_argument("--breakdown", action="store_true", help="GPU time per kernel of each row instead of the table")
+    parser.add_argument("--rows", nargs="+", help="only the rows whose names contain one of these (and their peers)")
     args = parser.parse_args()
     if args.profile_step:
         return profile_step()
@@ -289,13 +291,18 @@ def main() -> None:
           f"fla {importlib.metadata.version('fla-core') if importlib.util.find_spec('fla') else 'absent'}")
     if args.inspect:
         return inspect()
+    chosen = delta_rows() if args.delta else rows({} if args.breakdown else peers())
+    if args.rows:
+        names = {name for name, *_ in chosen if any(part in name for part in args.rows)}
+        names |= {peer for name, _, _, peer in chosen if name in names}
+        chosen = [r for r in chosen if r[0] in names]
     if args.breakdown:
-        return breakdown(args.lengths, delta_rows() if args.delta else rows({}))
+        return breakdown(args.lengths, chosen)
     if args.delta:
-        return table(args.lengths, delta_rows())
+        return table(args.lengths, chosen)
     if args.sweep:
         sweep()
-    table(args.lengths, rows(peers()))
+    table(args.lengths, chosen)
     if args.decoding:
         decoding()
     if args.efficiency:

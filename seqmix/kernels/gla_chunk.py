@@ -266,29 +266,6 @@ def _fwd_kernel(
         tl.store(ht + state_offs, b_S, mask=state_mask)
 
 
-@triton.jit
-def _read_kernel(
-    x, S, out, scale, T,
-    H: tl.constexpr, DI: tl.constexpr, DO: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr,
-    TRANS: tl.constexpr,
-):
-    """``out[b, t, h] = scale * x[b, t, h] @ S[b, h]`` (``S[b, h]^T`` if ``TRANS``); ``S`` float32."""
-    i_t, i_bh, i_o = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    t = i_t * BT + tl.arange(0, BT)
-    valid = t < T
-    rows = i_b.to(tl.int64) * T + t
-    ci = tl.arange(0, BI)
-    co = i_o * BO + tl.arange(0, BO)
-    b_x = _tile(x + i_h * DI, rows, valid, ci, DI, H * DI)
-    if TRANS:
-        p = S + i_bh.to(tl.int64) * DI * DO + co[None, :] * DI + ci[:, None]
-    else:
-        p = S + i_bh.to(tl.int64) * DI * DO + ci[:, None] * DO + co[None, :]
-    b_S = tl.load(p, mask=(ci < DI)[:, None] & (co < DO)[None, :], other=0.0)
-    _store(out + i_h * DO, scale * _dot(b_x, b_S.to(b_x.dtype)), rows, valid, co, DO, H * DO)
-
-
 # ----------------------------------------------------------------------------- backward
 
 
@@ -1135,42 +1112,6 @@ class ChunkGLAFunction(torch.autograd.Function):
         args = (q, k, v, g, h0, ht, do, dht) if ctx.walk else (q, k, v, g, h0, states, do, dht)
         dq, dk, dv, dg, dh0 = backward(*args, ctx.chunks, ctx.scale, ctx.anticausal, ctx.BT)
         return dq, dk, dv, dg, dh0, None, None, None, None, None
-
-
-class ReadStateFunction(torch.autograd.Function):
-    """``o = scale * q @ S`` per batch and head; see :func:`read_state`."""
-
-    @staticmethod
-    def forward(ctx, q, S, scale):
-        ctx.save_for_backward(q, S)
-        ctx.scale = scale
-        return _read(q, S, scale, trans=False)
-
-    @staticmethod
-    def backward(ctx, do):
-        q, S = ctx.saved_tensors
-        do = do.contiguous()
-        dq = _read(do, S, ctx.scale, trans=True)
-        H, K, V = S.shape[1:]
-        _, dS = _states(q, do, None, None, _Chunks(q, None, 64), (H, K, V), ctx.scale, False, 64, store_states=False)
-        return dq, dS.to(S.dtype), None
-
-
-def _read(x: Tensor, S: Tensor, scale: float, trans: bool) -> Tensor:
-    B, T, H, DI = x.shape
-    DO = S.shape[-2] if trans else S.shape[-1]
-    BO = min(_pow2(DO), 64)
-    out = torch.empty(B, T, H, DO, dtype=x.dtype, device=x.device)
-    _read_kernel[(triton.cdiv(T, 64), B * H, triton.cdiv(DO, BO))](
-        x, S, out, scale, T, H=H, DI=DI, DO=DO, BT=64, BI=_pow2(DI), BO=BO, TRANS=trans,
-    )
-    return out
-
-
-def read_state(q: Tensor, S: Tensor, scale: float) -> Tensor:
-    """``o [B, T, H, V] = scale * q [B, T, H, K] @ S [B, H, K, V]`` (every query reads one state),
-    differentiable in ``q`` and ``S``; ``o`` in q's dtype, ``S`` float32."""
-    return ReadStateFunction.apply(q.contiguous(), S.contiguous(), float(scale))
 
 
 def chunk_gla(

@@ -318,7 +318,8 @@ def gated_linear_attention_triton(
     """The Triton kernels of :mod:`seqmix.kernels.gla_chunk`, composed into the patterns by
     :func:`_by_pattern`; same arguments and results as :func:`gated_linear_attention`; inputs are
     not checked."""
-    from seqmix.kernels.gla_chunk import chunk_gla, read_state
+    from seqmix.kernels.gla_chunk import chunk_gla
+    from seqmix.kernels.shared_state import read_state, state_sum
 
     scale = resolve_scale(scale, q.shape[-1])
     if causal and q.shape[1] == 1 and cu_seqlens is None and not needs_grad(q, k, v, g, initial_state):
@@ -329,6 +330,8 @@ def gated_linear_attention_triton(
         return o[:, None], (final if output_final_state else None)
 
     def causal_pass(q, k, v, g, initial_state, anticausal):
+        if q is None and g is None and cu_seqlens is None:  # no recurrence: a sum of outer products
+            return None, state_sum(k, v, initial_state)
         return chunk_gla(
             q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=not anticausal,
             anticausal=anticausal, cu_seqlens=cu_seqlens, chunk_size=chunk_size,

@@ -36,6 +36,8 @@ CASES["NS-channel-chunk32"] = dict(op="gla", pattern="NS", gate="channel", T=40,
 CASES["varlen-channel"] = dict(op="gla", pattern="CS", gate="channel", T=0, cu=[0, 1, 9, 45, 50], chunk=32, dtype="float32")
 CASES["CS-channel-blocks"] = dict(op="gla", pattern="CS", gate="channel", B=1, T=30, K=80, V=72, chunk=32, dtype="float32")
 CASES["CS-channel-dims"] = dict(op="gla", pattern="CS", gate="channel", T=24, K=24, V=16, dtype="float32")
+# no gate, noncausal: the state is a sum over two splits of time (the last one partial), two blocks of columns
+CASES["NS-none-splits"] = dict(op="gla", pattern="NS", gate="none", B=1, T=1100, V=80, dtype="float32", seed=7)
 CASES["CS-head-fp16"] = dict(op="gla", pattern="CS", gate="head", T=65, dtype="float16")
 CASES["CS-channel-fp16"] = dict(op="gla", pattern="CS", gate="channel", B=1, T=40, chunk=32, dtype="float16")
 TOL = {"float32": 1e-5, "float16": 3e-3}
