@@ -26,6 +26,7 @@ from triton.testing import do_bench
 from seqmix.kernels import gla_chunk
 from seqmix.ops.delta import delta_rule
 from seqmix.ops.gla import gated_linear_attention
+from seqmix.ops.linear import linear_attention
 
 H, D, TOKENS = 16, 128, 65536
 START = time.perf_counter()
@@ -73,6 +74,11 @@ def ours(causal: bool, chunk_size: int = 64, walks: bool | None = None) -> Calla
     return fn
 
 
+def linear(x):
+    """``linear_attention``, noncausal, elu + 1 features, normalised (triton backend)."""
+    return linear_attention(x["q"], x["k"], x["v"], causal=False, backend="triton")
+
+
 def sdpa(x):
     q, k, v = (x[n].transpose(1, 2) for n in ("q", "k", "v"))
     return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
@@ -101,6 +107,7 @@ def rows(fla: dict[str, Callable]) -> list[tuple[str, Callable, Callable[[int], 
         ("head gate, causal, chunk-par.", ours(True, walks=False), "head", "fla chunk_simple_gla"),
         ("channel gate, causal", ours(True), "channel", "fla chunk_gla"),
         ("no gate, noncausal self", ours(False), "none", None),
+        ("linear attn., noncausal (elu)", linear, "none", None),
     ]
     names = {"head": "fla chunk_simple_gla", "channel": "fla chunk_gla"}
     out += [(names[kind], fn, kind, None) for kind, fn in fla.items()]

@@ -57,14 +57,18 @@ def linear_attention_by_gla(qf, kf, v, *, causal: bool, normalize: bool, eps: fl
     """Linear-time form through :func:`gated_linear_attention` with no gate (``backend``
     ``"chunked"`` or ``"triton"``): prefix states when causal; when not, every query reads the
     final state (self and cross coincide without decay). The normaliser rides along as an extra
-    value column of ones."""
+    value column of ones when causal; when not, it is ``phi(q_i) . z`` with ``z = sum_j phi(k_j)``."""
     from seqmix.ops.gla import gated_linear_attention
 
-    if normalize:
+    ones_column = normalize and causal
+    if ones_column:
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
     o, _ = gated_linear_attention(qf, kf, v, None, causal=causal, cross=not causal, scale=1.0, backend=backend)
+    if ones_column:
+        return o[..., :-1] / (o[..., -1:] + eps)
     if normalize:
-        o = o[..., :-1] / (o[..., -1:] + eps)
+        z = kf.sum(1, dtype=torch.promote_types(kf.dtype, torch.float32)).to(qf.dtype)
+        return o / (torch.einsum("bthk,bhk->bth", qf, z)[..., None] + eps)
     return o
 
 
