@@ -8,10 +8,11 @@ cumsum ``G`` inside the chunk (``G_C`` its total)::
     A   = strictly_lower(diag(beta) (K K^T) * exp(G_i - G_j)),    T = (I + A)^{-1}
     W   = T diag(beta exp(G)) K,    U0 = T diag(beta) V,    E = diag(exp(G_C - G)) K,    gamma = exp(G_C)
 
-``T`` comes from forward substitution over rows (``T_i = e_i - sum_{j < i} A_ij T_j``) and is kept
-for the backward, which with ``X = W`` or ``U0`` and ``R`` its right-hand side uses
-``dR = T^T dX`` and ``dA = -strictly_lower(sum_X dR X^T)``, then the products' rules down to
-``dk, dv, dbeta`` and ``dG``, whose suffix sum within the chunk is ``dg``.
+``T`` is inverted blockwise: forward substitution over the rows of each diagonal ``16 x 16``
+block, then the blocks below by ``T_i,:i = -T_ii (A_i,:i T_:i,:i)`` (tensor-core products); it is
+kept for the backward, which with ``X = W`` or ``U0`` and ``R`` its right-hand side uses
+``dR = T^T dX``, ``dT = sum_X dX R^T`` and ``dA = -strictly_lower(T^T dT T^T)``, then the products'
+rules down to ``dk, dv, dbeta`` and ``dG``, whose suffix sum within the chunk is ``dg``.
 
 Across chunks (:func:`across_chunks`). From the initial state ``S_0 [K, V]``::
 
@@ -56,7 +57,7 @@ FWD_BV, BWD_BV = 64, 32
 NUM_WARPS = 4
 FWD_STAGES, BWD_STAGES = 2, 1
 GRAD_BV, GRAD_WARPS = 32, 8
-SOLVE_FWD_WARPS, SOLVE_BWD_WARPS = 4, 8  # fwd: 2 programs per SM through its row loop
+SOLVE_FWD_WARPS, SOLVE_BWD_WARPS, SOLVE_BD = 4, 8, 64  # SOLVE_BD: key and value columns at a time
 READ_FWD_BV, READ_FWD_WARPS = 64, 4
 READ_BWD_BV, READ_BWD_WARPS = 32, 8
 _LOW = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' LOW: products' operand dtype
@@ -207,6 +208,33 @@ def _store_rows(p, x, i_b, i_c, S, i_h, H: tl.constexpr, D: tl.constexpr, C: tl.
 
 
 @triton.jit
+def _rows_at(p, i_b, i_c, S, i_h, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, c0, BD: tl.constexpr):
+    """Pointers and mask of columns ``[c0, c0 + BD)`` of chunk ``i_c`` (batch ``i_b``, head ``i_h``)
+    of a ``[B, S, H, D]`` tensor: a scalar 64-bit base and 32-bit offsets within the chunk."""
+    t, cols = tl.arange(0, C), c0 + tl.arange(0, BD)
+    p = p + (i_b.to(tl.int64) * S + i_c * C) * (H * D) + i_h * D
+    return p + (t[:, None] * (H * D) + cols[None, :]), ((i_c * C + t) < S)[:, None] & (cols < D)[None, :]
+
+
+@triton.jit
+def _tile_at(p, idx, R: tl.constexpr, D: tl.constexpr, c0, BD: tl.constexpr):
+    """Pointers and mask of columns ``[c0, c0 + BD)`` of the ``idx``-th ``[R, D]`` matrix at ``p``."""
+    rows, cols = tl.arange(0, R), c0 + tl.arange(0, BD)
+    return p + idx * (R * D) + (rows[:, None] * D + cols[None, :]), (cols < D)[None, :] & (rows < R)[:, None]
+
+
+@triton.jit
+def _get(at):
+    """float32 tile at ``(pointers, mask)``, zeros outside."""
+    return tl.load(at[0], mask=at[1], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _put(at, x):
+    tl.store(at[0], x.to(at[0].dtype.element_ty), mask=at[1])
+
+
+@triton.jit
 def _chunk_gate(p, i_b, i_c, S, i_h, H: tl.constexpr, C: tl.constexpr):
     """``[C]`` float32 of a ``[B, S, H]`` tensor (zeros past ``S``) and the row offsets."""
     t = i_c * C + tl.arange(0, C)
@@ -232,41 +260,76 @@ def _strict_decay(G, C: tl.constexpr):
 
 
 @triton.jit
-def _unit_lower_inverse(A, C: tl.constexpr):
-    """``(I + A)^{-1}`` of a strictly lower ``A [C, C]`` by forward substitution over rows:
-    ``T_i = e_i - sum_{j < i} A_ij T_j``."""
-    r = tl.arange(0, C)
-    Tm = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
-    for i in range(1, C):
-        a_i = tl.sum(tl.where((r == i)[:, None], A, 0.0), 0)  # row i of A, zero from column i on
-        Tm = tl.where((r == i)[:, None], Tm - tl.sum(a_i[:, None] * Tm, 0)[None, :], Tm)
-    return Tm
+def _diagonal_inverses(p, C: tl.constexpr):
+    """Inverts the ``C // 16`` diagonal ``16 x 16`` blocks of ``I + A`` in place, ``A`` the strictly
+    lower ``[C, C]`` row-major at ``p``: per block, forward substitution over its rows
+    ``N_i = -a_i - sum_{j < i} a_ij N_j`` (``a_i`` row ``i`` of the block, read from memory), the
+    inverse ``I + N``. All blocks at once, ``[C // 16, 16, 16]`` in registers."""
+    NB: tl.constexpr = C // 16
+    r = tl.arange(0, 16)
+    corner = tl.arange(0, NB) * (16 * C + 16)  # offset of each diagonal block
+    N3 = tl.zeros([NB, 16, 16], dtype=tl.float32)
+    for i in range(1, 16):
+        a = -tl.load(p + corner[:, None] + i * C + r[None, :])  # [NB, 16], zero from column i on
+        a += tl.sum(a[:, :, None] * N3, 1)
+        N3 = tl.where((r == i)[None, :, None], a[:, None, :], N3)
+    eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+    tl.store(p + corner[:, None, None] + r[None, :, None] * C + r[None, None, :], N3 + eye[None, :, :])
+
+
+@triton.jit
+def _unit_lower_inverse(p, C: tl.constexpr):
+    """``T = (I + A)^{-1}`` in place of the strictly lower ``A [C, C]`` at ``p`` (row-major, zero
+    upper part): the diagonal blocks' inverses (:func:`_diagonal_inverses`), then block row by block
+    row ``T_i,:i = -T_ii (A_i,:i T_:i,:i)`` with tensor-core products to float32 accuracy (``tf32x3``)."""
+    _diagonal_inverses(p, C)
+    r, rc = tl.arange(0, 16), tl.arange(0, C)
+    for i in tl.static_range(1, C // 16):
+        tl.debug_barrier()  # the rows above, and this block row's diagonal block, are final
+        rows = i * 16 + r
+        left = rc < i * 16
+        a_i = tl.load(p + rows[:, None] * C + rc[None, :], mask=left[None, :], other=0.0)  # [16, C]
+        t_above = tl.load(p + rc[:, None] * C + rc[None, :], mask=left[:, None], other=0.0)  # [C, C]
+        t_ii = tl.load(p + rows[:, None] * C + (i * 16 + r)[None, :])
+        t_i = -_mm(t_ii, _mm(a_i, t_above, True), True)
+        tl.store(p + rows[:, None] * C + rc[None, :], t_i, mask=left[None, :])
+    tl.debug_barrier()
 
 
 @triton.jit
 def _solve_fwd_kernel(
     k, v, beta, g, w, u0, e, gamma, tinv, S, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISE: tl.constexpr,
+    BD: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    """Chunk ``i_c`` of batch and head ``i_bh``: ``T = (I + A)^{-1}``, ``W``, ``U0``, ``E``, ``gamma``."""
+    """Chunk ``i_c`` of batch and head ``i_bh``: ``T = (I + A)^{-1}``, ``W``, ``U0``, ``E``, ``gamma``.
+    ``A`` is written where ``T`` goes and inverted there; the keys and values are taken ``BD``
+    columns at a time."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     idx = i_bh.to(tl.int64) * N + i_c
-    rc, ck, cv = tl.arange(0, C), tl.arange(0, BK), tl.arange(0, BV)
+    rc = tl.arange(0, C)
     b_beta, _, _ = _chunk_gate(beta, i_b, i_c, S, i_h, H, C)
     b_g, _, _ = _chunk_gate(g, i_b, i_c, S, i_h, H, C)
     b_G = tl.cumsum(b_g, 0)
     b_GC = tl.sum(b_g, 0)
-    b_k = _chunk_rows(k, i_b, i_c, S, i_h, H, K, C, ck)
-    b_A = _mm(b_k, tl.trans(b_k), PRECISE) * b_beta[:, None] * _strict_decay(b_G, C)
-    b_T = _unit_lower_inverse(b_A, C)  # only A and T live through the loop: k and v are read after it
-    _store(tinv, idx, C, C, rc, rc, b_T)
-    b_k = _chunk_rows(k, i_b, i_c, S, i_h, H, K, C, ck)
-    _store(w, idx, C, K, rc, ck, _mm(b_T, b_k * (b_beta * tl.exp(b_G))[:, None], PRECISE))
-    _store(e, idx, C, K, rc, ck, b_k * tl.exp(b_GC - b_G)[:, None])
-    b_v = _chunk_rows(v, i_b, i_c, S, i_h, H, V, C, cv)
-    _store(u0, idx, C, V, rc, cv, _mm(b_T, b_v * b_beta[:, None], PRECISE))
+    b_P = tl.zeros([C, C], dtype=tl.float32)
+    for c0 in tl.static_range(0, BK, BD):
+        b_k = _get(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD))
+        b_P += _mm(b_k, tl.trans(b_k), PRECISE)
+    p_t = tinv + idx * (C * C)
+    tl.store(p_t + rc[:, None] * C + rc[None, :], b_P * b_beta[:, None] * _strict_decay(b_G, C))
+    tl.debug_barrier()
+    _unit_lower_inverse(p_t, C)
+    b_T = tl.load(p_t + rc[:, None] * C + rc[None, :])
+    scale_w, to_end = b_beta * tl.exp(b_G), tl.exp(b_GC - b_G)
+    for c0 in tl.static_range(0, BK, BD):
+        b_k = _get(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD))
+        _put(_tile_at(w, idx, C, K, c0, BD), _mm(b_T, b_k * scale_w[:, None], PRECISE))
+        _put(_tile_at(e, idx, C, K, c0, BD), b_k * to_end[:, None])
+    for c0 in tl.static_range(0, BV, BD):
+        b_v = _get(_rows_at(v, i_b, i_c, S, i_h, H, V, C, c0, BD))
+        _put(_tile_at(u0, idx, C, V, c0, BD), _mm(b_T, b_v * b_beta[:, None], PRECISE))
     tl.store(gamma + idx, tl.exp(b_GC))
 
 
@@ -274,46 +337,59 @@ def _solve_fwd_kernel(
 def _solve_bwd_kernel(
     k, v, beta, g, tinv, dw, du0, de, dgamma, dk, dv, dbeta, dg, S, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PRECISE: tl.constexpr,
+    BD: tl.constexpr, PRECISE: tl.constexpr,
 ):
     """Gradients of chunk ``i_c``'s keys, values, betas and log gates from those of ``W, U0, E, gamma``
-    (the module docstring's chain rule through ``T``)."""
+    (the module docstring's chain rule through ``T``), ``BD`` columns at a time: the keys' side
+    (``dT = dW Rw^T``, ``P = K K^T``, row sums with ``dRw = T^T dW`` and ``dE``), the values' side
+    (``dT += dU0 Ru^T``, ``dRu = T^T dU0``, ``dv``), ``dA = -strictly_lower(T^T dT T^T)``, then the
+    keys' gradient (``dRw`` recomputed)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     idx = i_bh.to(tl.int64) * N + i_c
-    rc, ck, cv = tl.arange(0, C), tl.arange(0, BK), tl.arange(0, BV)
-    b_k = _chunk_rows(k, i_b, i_c, S, i_h, H, K, C, ck)
-    b_v = _chunk_rows(v, i_b, i_c, S, i_h, H, V, C, cv)
+    rc = tl.arange(0, C)
     b_beta, offs, valid = _chunk_gate(beta, i_b, i_c, S, i_h, H, C)
     b_g, _, _ = _chunk_gate(g, i_b, i_c, S, i_h, H, C)
     b_G = tl.cumsum(b_g, 0)
     b_GC = tl.sum(b_g, 0)
-    b_T = _load(tinv, idx, C, C, rc, rc)
-    decay = _strict_decay(b_G, C)
-    b_P = _mm(b_k, tl.trans(b_k), PRECISE)
-    b_A = b_P * b_beta[:, None] * decay
-    scale_w = b_beta * tl.exp(b_G)
-    b_rw = b_k * scale_w[:, None]
-    b_ru = b_v * b_beta[:, None]
-    b_drw = _mm(tl.trans(b_T), _load(dw, idx, C, K, rc, ck), PRECISE)
-    b_dru = _mm(tl.trans(b_T), _load(du0, idx, C, V, rc, cv), PRECISE)
-    b_dA = -(_mm(b_drw, tl.trans(_mm(b_T, b_rw, PRECISE)), PRECISE) + _mm(b_dru, tl.trans(_mm(b_T, b_ru, PRECISE)), PRECISE))
-    b_dA = tl.where(rc[:, None] > rc[None, :], b_dA, 0.0)
+    scale_w, to_end = b_beta * tl.exp(b_G), tl.exp(b_GC - b_G)
+    b_Tt = tl.trans(_load(tinv, idx, C, C, rc, rc))
+    b_dT = tl.zeros([C, C], dtype=tl.float32)
+    b_P = tl.zeros([C, C], dtype=tl.float32)
+    k_drw = tl.zeros([C], dtype=tl.float32)
+    k_de = tl.zeros([C], dtype=tl.float32)
+    v_dru = tl.zeros([C], dtype=tl.float32)
+    for c0 in range(0, BK, BD):
+        b_k = _get(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD))
+        b_dw = _get(_tile_at(dw, idx, C, K, c0, BD))
+        b_dT += _mm(b_dw, tl.trans(b_k * scale_w[:, None]), PRECISE)
+        b_P += _mm(b_k, tl.trans(b_k), PRECISE)
+        k_drw += tl.sum(b_k * _mm(b_Tt, b_dw, PRECISE), 1)
+        k_de += tl.sum(b_k * _get(_tile_at(de, idx, C, K, c0, BD)), 1)
+    for c0 in range(0, BV, BD):
+        b_v = _get(_rows_at(v, i_b, i_c, S, i_h, H, V, C, c0, BD))
+        b_du0 = _get(_tile_at(du0, idx, C, V, c0, BD))
+        b_dT += _mm(b_du0, tl.trans(b_v * b_beta[:, None]), PRECISE)
+        b_dru = _mm(b_Tt, b_du0, PRECISE)
+        v_dru += tl.sum(b_v * b_dru, 1)
+        _put(_rows_at(dv, i_b, i_c, S, i_h, H, V, C, c0, BD), b_dru * b_beta[:, None])
+    b_dA = -_mm(_mm(b_Tt, b_dT, PRECISE), b_Tt, PRECISE)
+    decay = _strict_decay(b_G, C)  # zero on and above the diagonal: masks dA to the strictly lower part
     b_dP = b_dA * b_beta[:, None] * decay
-    b_de = _load(de, idx, C, K, rc, ck)
-    to_end = tl.exp(b_GC - b_G)
-    b_dk = _mm(b_dP + tl.trans(b_dP), b_k, PRECISE) + b_drw * scale_w[:, None] + b_de * to_end[:, None]
-    k_drw = tl.sum(b_k * b_drw, 1)
-    b_dbeta = tl.sum(b_dA * b_P * decay, 1) + tl.exp(b_G) * k_drw + tl.sum(b_v * b_dru, 1)
-    b_dAA = b_dA * b_A
-    s_e = to_end * tl.sum(b_k * b_de, 1)
+    s_e = to_end * k_de
+    b_dAA = b_dP * b_P  # dA * A
+    b_dbeta = tl.sum(b_dA * b_P * decay, 1) + tl.exp(b_G) * k_drw + v_dru
     b_dG = tl.sum(b_dAA, 1) - tl.sum(b_dAA, 0) + scale_w * k_drw - s_e
     b_dG += tl.where(rc == C - 1, tl.sum(s_e, 0) + tl.exp(b_GC) * tl.load(dgamma + idx), 0.0)
     b_dg = tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG  # suffix sums: G_i sums g_1..g_i
-    _store_rows(dk, b_dk, i_b, i_c, S, i_h, H, K, C, ck)
-    _store_rows(dv, b_dru * b_beta[:, None], i_b, i_c, S, i_h, H, V, C, cv)
     tl.store(dbeta + offs, b_dbeta, mask=valid)
     tl.store(dg + offs, b_dg, mask=valid)
+    b_dPs = b_dP + tl.trans(b_dP)
+    for c0 in range(0, BK, BD):
+        b_dk = _mm(b_dPs, _get(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD)), PRECISE)
+        b_dk += _mm(b_Tt, _get(_tile_at(dw, idx, C, K, c0, BD)), PRECISE) * scale_w[:, None]
+        b_dk += _get(_tile_at(de, idx, C, K, c0, BD)) * to_end[:, None]
+        _put(_rows_at(dk, i_b, i_c, S, i_h, H, K, C, c0, BD), b_dk)
 
 
 class SolveChunksFunction(torch.autograd.Function):
@@ -329,7 +405,7 @@ class SolveChunksFunction(torch.autograd.Function):
         w, e, u0 = torch.empty(B, H, N, C, K, **f32), torch.empty(B, H, N, C, K, **f32), torch.empty(B, H, N, C, V, **f32)
         gamma, tinv = torch.empty(B, H, N, **f32), torch.empty(B, H, N, C, C, **f32)
         _solve_fwd_kernel[(N, B * H)](k, v, beta, g, w, u0, e, gamma, tinv, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
-                                      PRECISE=precise, num_warps=SOLVE_FWD_WARPS)
+                                      BD=min(BK, BV, SOLVE_BD), PRECISE=precise, num_warps=SOLVE_FWD_WARPS)
         ctx.save_for_backward(k, v, beta, g, tinv)
         ctx.C, ctx.precise = C, precise
         return w, u0, e, gamma
@@ -345,7 +421,8 @@ class SolveChunksFunction(torch.autograd.Function):
         dbeta, dg = torch.empty_like(beta, dtype=torch.float32), torch.empty_like(g, dtype=torch.float32)
         dw, du0, de, dgamma = (t.contiguous() for t in (dw, du0, de, dgamma))
         _solve_bwd_kernel[(N, B * H)](k, v, beta, g, tinv, dw, du0, de, dgamma, dk, dv, dbeta, dg, S, N,
-                                      H=H, K=K, V=V, C=C, BK=BK, BV=BV, PRECISE=ctx.precise, num_warps=SOLVE_BWD_WARPS)
+                                      H=H, K=K, V=V, C=C, BK=BK, BV=BV, BD=min(BK, BV, SOLVE_BD // 2 if ctx.precise else SOLVE_BD), PRECISE=ctx.precise,
+                                      num_warps=SOLVE_BWD_WARPS)
         return dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dg.to(g.dtype), None, None
 
 
