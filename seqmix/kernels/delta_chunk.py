@@ -57,7 +57,7 @@ FWD_BV, BWD_BV = 64, 32
 NUM_WARPS = 4
 FWD_STAGES, BWD_STAGES = 2, 1
 GRAD_BV, GRAD_WARPS = 32, 8
-SOLVE_FWD_WARPS, SOLVE_BWD_WARPS, SOLVE_BD = 4, 8, 64  # SOLVE_BD: key and value columns at a time
+SOLVE_FWD_WARPS, SOLVE_BWD_WARPS, SOLVE_BWD_STAGES, SOLVE_BD = 4, 8, 3, 64  # SOLVE_BD: key and value columns at a time
 READ_FWD_BV, READ_FWD_WARPS = 64, 4
 READ_BWD_BV, READ_BWD_WARPS = 32, 8
 _LOW = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' LOW: products' operand dtype
@@ -335,15 +335,16 @@ def _solve_fwd_kernel(
 
 @triton.jit
 def _solve_bwd_kernel(
-    k, v, beta, g, tinv, dw, du0, de, dgamma, dk, dv, dbeta, dg, S, N,
+    k, v, beta, g, tinv, dw, du0, de, dgamma, dk_in, dk, dv, dbeta, dg, S, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BD: tl.constexpr, PRECISE: tl.constexpr,
+    BD: tl.constexpr, PRECISE: tl.constexpr, HAS_DK_IN: tl.constexpr,
 ):
     """Gradients of chunk ``i_c``'s keys, values, betas and log gates from those of ``W, U0, E, gamma``
     (the module docstring's chain rule through ``T``), ``BD`` columns at a time: the keys' side
     (``dT = dW Rw^T``, ``P = K K^T``, row sums with ``dRw = T^T dW`` and ``dE``), the values' side
     (``dT += dU0 Ru^T``, ``dRu = T^T dU0``, ``dv``), ``dA = -strictly_lower(T^T dT T^T)``, then the
-    keys' gradient (``dRw`` recomputed)."""
+    keys' gradient (``dRw`` recomputed), plus ``dk_in`` (the reads' share, float32) if given; the
+    gradients are stored in their inputs' dtypes."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     idx = i_bh.to(tl.int64) * N + i_c
@@ -382,13 +383,15 @@ def _solve_bwd_kernel(
     b_dG = tl.sum(b_dAA, 1) - tl.sum(b_dAA, 0) + scale_w * k_drw - s_e
     b_dG += tl.where(rc == C - 1, tl.sum(s_e, 0) + tl.exp(b_GC) * tl.load(dgamma + idx), 0.0)
     b_dg = tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG  # suffix sums: G_i sums g_1..g_i
-    tl.store(dbeta + offs, b_dbeta, mask=valid)
-    tl.store(dg + offs, b_dg, mask=valid)
+    tl.store(dbeta + offs, b_dbeta.to(dbeta.dtype.element_ty), mask=valid)
+    tl.store(dg + offs, b_dg.to(dg.dtype.element_ty), mask=valid)
     b_dPs = b_dP + tl.trans(b_dP)
     for c0 in range(0, BK, BD):
         b_dk = _mm(b_dPs, _get(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD)), PRECISE)
         b_dk += _mm(b_Tt, _get(_tile_at(dw, idx, C, K, c0, BD)), PRECISE) * scale_w[:, None]
         b_dk += _get(_tile_at(de, idx, C, K, c0, BD)) * to_end[:, None]
+        if HAS_DK_IN:
+            b_dk += _get(_rows_at(dk_in, i_b, i_c, S, i_h, H, K, C, c0, BD))
         _put(_rows_at(dk, i_b, i_c, S, i_h, H, K, C, c0, BD), b_dk)
 
 
@@ -396,7 +399,7 @@ class SolveChunksFunction(torch.autograd.Function):
     """Autograd wrapper of the within-chunk kernels; see :func:`solve_chunks`."""
 
     @staticmethod
-    def forward(ctx, k, v, beta, g, C, precise):
+    def forward(ctx, k, v, beta, g, C, precise, dk_share):
         B, S, H, K = k.shape
         V = v.shape[-1]
         N = triton.cdiv(S, C)
@@ -407,7 +410,7 @@ class SolveChunksFunction(torch.autograd.Function):
         _solve_fwd_kernel[(N, B * H)](k, v, beta, g, w, u0, e, gamma, tinv, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
                                       BD=min(BK, BV, SOLVE_BD), PRECISE=precise, num_warps=SOLVE_FWD_WARPS)
         ctx.save_for_backward(k, v, beta, g, tinv)
-        ctx.C, ctx.precise = C, precise
+        ctx.C, ctx.precise, ctx.dk_share = C, precise, dk_share
         return w, u0, e, gamma
 
     @staticmethod
@@ -417,29 +420,35 @@ class SolveChunksFunction(torch.autograd.Function):
         V, C = v.shape[-1], ctx.C
         N = triton.cdiv(S, C)
         BK, BV = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
-        dk, dv = torch.empty_like(k, dtype=torch.float32), torch.empty_like(v, dtype=torch.float32)
-        dbeta, dg = torch.empty_like(beta, dtype=torch.float32), torch.empty_like(g, dtype=torch.float32)
+        dk, dv, dbeta, dg = (torch.empty_like(t) for t in (k, v, beta, g))
         dw, du0, de, dgamma = (t.contiguous() for t in (dw, du0, de, dgamma))
-        _solve_bwd_kernel[(N, B * H)](k, v, beta, g, tinv, dw, du0, de, dgamma, dk, dv, dbeta, dg, S, N,
-                                      H=H, K=K, V=V, C=C, BK=BK, BV=BV, BD=min(BK, BV, SOLVE_BD // 2 if ctx.precise else SOLVE_BD), PRECISE=ctx.precise,
-                                      num_warps=SOLVE_BWD_WARPS)
-        return dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dg.to(g.dtype), None, None
+        dk_in = None if ctx.dk_share is None else ctx.dk_share.pop("dk", None)  # the reads' share, if their backward ran
+        _solve_bwd_kernel[(N, B * H)](k, v, beta, g, tinv, dw, du0, de, dgamma, dk_in, dk, dv, dbeta, dg, S, N,
+                                      H=H, K=K, V=V, C=C, BK=BK, BV=BV, BD=min(BK, BV, SOLVE_BD // 2 if ctx.precise else SOLVE_BD),
+                                      PRECISE=ctx.precise, HAS_DK_IN=dk_in is not None, num_warps=SOLVE_BWD_WARPS,
+                                      num_stages=SOLVE_BWD_STAGES)
+        return dk, dv, dbeta, dg, None, None, None
 
 
 def solve_chunks(
-    k: Tensor, v: Tensor, beta: Tensor, g: Tensor, C: int, dtype: torch.dtype = torch.float32
+    k: Tensor, v: Tensor, beta: Tensor, g: Tensor, C: int, dtype: torch.dtype = torch.float32,
+    dk_share: dict | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The within-chunk parts (module docstring), one program per chunk and head, differentiable.
 
     Args: ``k [B, S, H, K]``, ``v [B, S, H, V]``, ``beta, g [B, S, H]`` (the chunk's tail past
     ``S`` is zero padding); ``C`` the chunk length (16, 32, 64 or 128); ``dtype`` the inputs'
-    precision: float32 products to float32 accuracy (``tf32x3``) for float32, one tf32 pass else.
+    precision: float32 products to float32 accuracy (``tf32x3``) for float32, one tf32 pass else;
+    ``dk_share`` the dict that :func:`read_chunks` given the same one (and the same keys) leaves its
+    share of the keys' gradient in: the backward adds it in the kernel (one ``dk`` in the keys'
+    dtype, no sum of partials), the reads' backward running first since the reads take this
+    function's outputs.
 
     Returns ``W [B, H, N, C, K]``, ``U0 [B, H, N, C, V]``, ``E [B, H, N, C, K]`` and
     ``gamma [B, H, N]``, float32, ``N = ceil(S / C)``.
     """
     k, v, beta, g = (t.contiguous() for t in (k, v, beta, g))
-    return SolveChunksFunction.apply(k, v, beta, g, C, dtype == torch.float32)
+    return SolveChunksFunction.apply(k, v, beta, g, C, dtype == torch.float32, dk_share)
 
 
 # ----------------------------------------------------------------------------- queries' reads
@@ -514,7 +523,7 @@ class ReadChunksFunction(torch.autograd.Function):
     """Autograd wrapper of the read kernels; see :func:`read_chunks`."""
 
     @staticmethod
-    def forward(ctx, q, k, g, states, u, C, dtype, scale):
+    def forward(ctx, q, k, g, states, u, C, dtype, scale, dk_share):
         B, S, H, K = q.shape
         N, V = states.shape[2], states.shape[-1]
         BK, BV = max(16, triton.next_power_of_2(K)), min(max(16, triton.next_power_of_2(V)), READ_FWD_BV)
@@ -523,7 +532,7 @@ class ReadChunksFunction(torch.autograd.Function):
             q, k, g, states, u, o, scale, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=_LOW[dtype], num_warps=READ_FWD_WARPS,
         )
         ctx.save_for_backward(q, k, g, states, u)
-        ctx.C, ctx.low, ctx.scale = C, _LOW[dtype], scale
+        ctx.C, ctx.low, ctx.scale, ctx.dk_share = C, _LOW[dtype], scale, dk_share
         return o
 
     @staticmethod
@@ -533,29 +542,36 @@ class ReadChunksFunction(torch.autograd.Function):
         N, V = states.shape[2], states.shape[-1]
         BK, BV = max(16, triton.next_power_of_2(K)), min(max(16, triton.next_power_of_2(V)), READ_BWD_BV)
         f32 = dict(dtype=torch.float32)
-        dq, dk, dg = torch.empty_like(q, **f32), torch.empty_like(k, **f32), torch.empty_like(g, **f32)
+        dq, dk, dg = torch.empty_like(q), torch.empty_like(k, **f32), torch.empty_like(g, **f32)
         dstates, du = torch.empty_like(states, **f32), torch.empty_like(u, **f32)
         _read_bwd_kernel[(N, B * H)](
             q, k, g, states, u, do.contiguous(), dq, dk, dg, dstates, du, ctx.scale, S, N,
             H=H, K=K, V=V, C=ctx.C, BK=BK, BV=BV, LOW=ctx.low, num_warps=READ_BWD_WARPS,
         )
-        return dq.to(q.dtype), dk.to(k.dtype), dg.to(g.dtype), dstates, du, None, None, None
+        if ctx.dk_share is not None:  # solve_chunks' backward adds it to its own share
+            ctx.dk_share["dk"] = dk
+            dk = None
+        else:
+            dk = dk.to(k.dtype)
+        return dq, dk, dg.to(g.dtype), dstates, du, None, None, None, None
 
 
 def read_chunks(
-    q: Tensor, k: Tensor, g: Tensor, states: Tensor, u: Tensor, C: int, dtype: torch.dtype, scale: float
+    q: Tensor, k: Tensor, g: Tensor, states: Tensor, u: Tensor, C: int, dtype: torch.dtype, scale: float,
+    dk_share: dict | None = None,
 ) -> Tensor:
     """The queries' reads, ``O_n = scale * [(Q_n * exp(G)) S_n + ((Q_n K_n^T) * exp(G_i - G_j) [j <= i]) U_n]``
     per chunk ``n``, one program per chunk, head (and block of columns), differentiable.
 
     Args: ``q, k [B, S, H, K]``, ``g [B, S, H]``, entering states ``[B, H, N, K, V]`` and
     ``U [B, H, N, C, V]`` (float32, from :func:`across_chunks`); ``dtype`` the products' operand
-    dtype and the output's.
+    dtype and the output's; ``dk_share``: the backward leaves its keys' gradient (float32) there for
+    :func:`solve_chunks` to add, and gives none itself.
 
     Returns ``o [B, S, H, V]`` in ``dtype``.
     """
     q, k, g, states, u = (t.contiguous() for t in (q, k, g, states, u))
-    return ReadChunksFunction.apply(q, k, g, states, u, C, dtype, float(scale))
+    return ReadChunksFunction.apply(q, k, g, states, u, C, dtype, float(scale), dk_share)
 
 
 # ----------------------------------------------------------------------------- launchers

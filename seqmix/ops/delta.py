@@ -396,9 +396,17 @@ def delta_rule_triton(
         return o[:, None], (final if output_final_state else None)
     n_seq = None if cu_seqlens is None else cu_seqlens.numel() - 1
     q, k, v, beta, g, state = _prepare(q, k, v, beta, g, initial_state, n_seq, keep_inputs=True)
-    triton_parts = dict(solve=partial(solve_chunks, dtype=out_dtype), read=partial(read_chunks, dtype=out_dtype, scale=scale))
+
+    def scan(*inputs: Tensor, chunk_offsets: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+        # one scan, one dict: the reads' backward leaves its share of dk there for the solve's backward
+        dk_share: dict = {}
+        return _chunked_scan(
+            *inputs, chunk_size, solve=partial(solve_chunks, dtype=out_dtype, dk_share=dk_share),
+            across=partial(across_chunks, chunk_offsets=chunk_offsets, dtype=out_dtype),
+            read=partial(read_chunks, dtype=out_dtype, scale=scale, dk_share=dk_share),
+        )
+
     if cu_seqlens is None:
-        scan = partial(_chunked_scan, chunk_size=chunk_size, across=partial(across_chunks, dtype=out_dtype), **triton_parts)
         o, final = _by_pattern(q, k, v, beta, g, state, causal=causal, cross=cross, scan=scan, scale=scale)
     else:
         slots, offsets, length = _chunk_aligned(cu_seqlens, chunk_size)
@@ -406,8 +414,7 @@ def delta_rule_triton(
         def aligned(x: Tensor) -> Tensor:
             return x.new_zeros(1, length, *x.shape[2:]).index_copy(1, slots, x)
 
-        across = partial(across_chunks, chunk_offsets=offsets, dtype=out_dtype)
-        o, final = _chunked_scan(*map(aligned, (q, k, v, beta, g)), state, chunk_size, across=across, **triton_parts)
+        o, final = scan(*map(aligned, (q, k, v, beta, g)), state, chunk_offsets=offsets)
         o = o[:, slots]
     return o.to(out_dtype), (final if output_final_state else None)
 
