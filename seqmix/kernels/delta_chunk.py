@@ -422,7 +422,9 @@ class SolveChunksFunction(torch.autograd.Function):
         BK, BV = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
         dk, dv, dbeta, dg = (torch.empty_like(t) for t in (k, v, beta, g))
         dw, du0, de, dgamma = (t.contiguous() for t in (dw, du0, de, dgamma))
-        dk_in = None if ctx.dk_share is None else ctx.dk_share.pop("dk", None)  # the reads' share, if their backward ran
+        # the reads' share, if their backward ran in this pass (in an earlier one, one that did not need dk, it is stale)
+        task, dk_in = (None, None) if ctx.dk_share is None else ctx.dk_share.pop("dk", (None, None))
+        dk_in = dk_in if task == torch._C._current_graph_task_id() else None
         _solve_bwd_kernel[(N, B * H)](k, v, beta, g, tinv, dw, du0, de, dgamma, dk_in, dk, dv, dbeta, dg, S, N,
                                       H=H, K=K, V=V, C=C, BK=BK, BV=BV, BD=min(BK, BV, SOLVE_BD // 2 if ctx.precise else SOLVE_BD),
                                       PRECISE=ctx.precise, HAS_DK_IN=dk_in is not None, num_warps=SOLVE_BWD_WARPS,
@@ -442,7 +444,8 @@ def solve_chunks(
     ``dk_share`` the dict that :func:`read_chunks` given the same one (and the same keys) leaves its
     share of the keys' gradient in: the backward adds it in the kernel (one ``dk`` in the keys'
     dtype, no sum of partials), the reads' backward running first since the reads take this
-    function's outputs.
+    function's outputs. A share left by another backward pass is ignored: that pass (the reads'
+    backward without this one's) did not ask for the keys' gradient, and this one has no reads' share.
 
     Returns ``W [B, H, N, C, K]``, ``U0 [B, H, N, C, V]``, ``E [B, H, N, C, K]`` and
     ``gamma [B, H, N]``, float32, ``N = ceil(S / C)``.
@@ -549,7 +552,7 @@ class ReadChunksFunction(torch.autograd.Function):
             H=H, K=K, V=V, C=ctx.C, BK=BK, BV=BV, LOW=ctx.low, num_warps=READ_BWD_WARPS,
         )
         if ctx.dk_share is not None:  # solve_chunks' backward adds it to its own share
-            ctx.dk_share["dk"] = dk
+            ctx.dk_share["dk"] = (torch._C._current_graph_task_id(), dk)
             dk = None
         else:
             dk = dk.to(k.dtype)

@@ -1,6 +1,7 @@
 """Triton delta rule (run under the interpreter) = the float64 reference: outputs, final states and
 every gradient (q, k, v, beta, g, initial state), with and without a gate, in every pattern, on odd
-lengths, several column blocks and packed sequences."""
+lengths, several column blocks and packed sequences; and the keys' gradient handed from the reads'
+backward to the solve's under backward passes that run only one of them, or repeat."""
 
 from __future__ import annotations
 
@@ -90,3 +91,42 @@ def test_packed_needs_causal():
     x = _inputs(1, 8)
     with pytest.raises(ValueError, match="cu_seqlens"):
         delta_rule(x["q"], x["k"], x["v"], x["beta"], causal=False, cu_seqlens=torch.tensor([0, 3, 8]))
+
+
+def _partial_backward_passes() -> dict[str, float]:
+    """Worker side of :func:`test_partial_backward_passes`: the reads' share of dk (handed from the
+    reads' backward to the solve's) under backward passes that skip one of them or repeat."""
+    from tests.kernels.cases import _inputs as case_inputs
+
+    case = dict(op="delta", pattern="CS", gate="head", T=40)
+    x = case_inputs(case, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(6)
+    cot_o, cot_s = torch.randn(2, 40, 2, 16, generator=gen, dtype=torch.float64), torch.randn(2, 2, 16, 16, generator=gen, dtype=torch.float64)
+
+    def run(backend: str, dtype: torch.dtype) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        leaves = {n: t.to(dtype).requires_grad_() for n, t in x.items()}
+        o, s = delta_rule(leaves["q"], leaves["k"], leaves["v"], leaves["beta"], g=leaves["g"], causal=True,
+                          initial_state=leaves["initial_state"], output_final_state=True, backend=backend, chunk_size=16)
+        return leaves, (o.double() * cot_o).sum(), (s.double() * cot_s).sum()
+
+    def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+        return ((a.double() - ref).norm() / ref.norm()).item()
+
+    ref, ref_o, ref_s = run("reference", torch.float64)
+    want_s = torch.autograd.grad(ref_s, [ref["k"], ref["v"]], retain_graph=True)
+    want_all = torch.autograd.grad(ref_o + ref_s, [ref["k"]])[0]
+    got, loss_o, loss_s = run("triton", torch.float32)
+    errors = {}
+    torch.autograd.grad(loss_o, [got["q"]], retain_graph=True)  # the reads' backward alone: leaves a share
+    dk, dv = torch.autograd.grad(loss_s, [got["k"], got["v"]], retain_graph=True)  # the solve's alone: must not take it
+    errors["state_only_dk"], errors["state_only_dv"] = rel(dk, want_s[0]), rel(dv, want_s[1])
+    first = torch.autograd.grad(loss_o + loss_s, [got["k"]], retain_graph=True)[0]
+    second = torch.autograd.grad(loss_o + loss_s, [got["k"]])[0]
+    errors["dk"], errors["dk_again"] = rel(first, want_all), rel(second, want_all)
+    return errors
+
+
+def test_partial_backward_passes(interpreter_pool):
+    errors = interpreter_pool.apply_async(_partial_backward_passes).get(timeout=600)
+    assert set(errors) == {"state_only_dk", "state_only_dv", "dk", "dk_again"}
+    assert max(errors.values()) < TOL["float32"], errors
