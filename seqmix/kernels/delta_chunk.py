@@ -57,7 +57,9 @@ FWD_BV, BWD_BV = 64, 32
 NUM_WARPS = 4
 FWD_STAGES, BWD_STAGES = 2, 1
 GRAD_BV, GRAD_WARPS = 32, 8
-SOLVE_FWD_WARPS, SOLVE_BWD_WARPS, SOLVE_BWD_STAGES, SOLVE_BD = 4, 8, 3, 64  # SOLVE_BD: key and value columns at a time
+# within chunks: key and value columns at a time (SOLVE_BD); the backward took 2.9 ms at 4 warps and 1 stage,
+# 3.9 at 8 and 3 (H100, T = 8K, sweep_solve_delta_257c64c.log)
+SOLVE_FWD_WARPS, SOLVE_FWD_STAGES, SOLVE_BWD_WARPS, SOLVE_BWD_STAGES, SOLVE_BD = 4, 3, 4, 1, 64
 READ_FWD_BV, READ_FWD_WARPS = 64, 4
 READ_BWD_BV, READ_BWD_WARPS = 32, 8
 _LOW = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' LOW: products' operand dtype
@@ -264,17 +266,18 @@ def _diagonal_inverses(p, C: tl.constexpr):
     """Inverts the ``C // 16`` diagonal ``16 x 16`` blocks of ``I + A`` in place, ``A`` the strictly
     lower ``[C, C]`` row-major at ``p``: per block, forward substitution over its rows
     ``N_i = -a_i - sum_{j < i} a_ij N_j`` (``a_i`` row ``i`` of the block, read from memory), the
-    inverse ``I + N``. All blocks at once, ``[C // 16, 16, 16]`` in registers."""
+    inverse ``I + N``. All blocks at once in registers, each transposed (``Nt [C // 16, 16, 16]``,
+    ``Nt[b, c, j] = N_b[j, c]``) so that the sum over ``j`` runs along the last axis, within warps."""
     NB: tl.constexpr = C // 16
     r = tl.arange(0, 16)
     corner = tl.arange(0, NB) * (16 * C + 16)  # offset of each diagonal block
-    N3 = tl.zeros([NB, 16, 16], dtype=tl.float32)
+    Nt = tl.zeros([NB, 16, 16], dtype=tl.float32)
     for i in range(1, 16):
         a = -tl.load(p + corner[:, None] + i * C + r[None, :])  # [NB, 16], zero from column i on
-        a += tl.sum(a[:, :, None] * N3, 1)
-        N3 = tl.where((r == i)[None, :, None], a[:, None, :], N3)
+        n = a + tl.sum(Nt * a[:, None, :], 2)
+        Nt = tl.where((r == i)[None, None, :], n[:, :, None], Nt)
     eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
-    tl.store(p + corner[:, None, None] + r[None, :, None] * C + r[None, None, :], N3 + eye[None, :, :])
+    tl.store(p + corner[:, None, None] + r[None, None, :] * C + r[None, :, None], Nt + eye[None, :, :])
 
 
 @triton.jit
@@ -408,7 +411,8 @@ class SolveChunksFunction(torch.autograd.Function):
         w, e, u0 = torch.empty(B, H, N, C, K, **f32), torch.empty(B, H, N, C, K, **f32), torch.empty(B, H, N, C, V, **f32)
         gamma, tinv = torch.empty(B, H, N, **f32), torch.empty(B, H, N, C, C, **f32)
         _solve_fwd_kernel[(N, B * H)](k, v, beta, g, w, u0, e, gamma, tinv, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
-                                      BD=min(BK, BV, SOLVE_BD), PRECISE=precise, num_warps=SOLVE_FWD_WARPS)
+                                      BD=min(BK, BV, SOLVE_BD), PRECISE=precise, num_warps=SOLVE_FWD_WARPS,
+                                      num_stages=SOLVE_FWD_STAGES)
         ctx.save_for_backward(k, v, beta, g, tinv)
         ctx.C, ctx.precise, ctx.dk_share = C, precise, dk_share
         return w, u0, e, gamma
