@@ -26,6 +26,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 import seqmix.kernels.delta_chunk
+import seqmix.kernels.gla_channel
 import seqmix.kernels.gla_chunk
 import seqmix.kernels.step  # noqa: F401  (imported before TRITON_INTERPRET is set: JITFunctions, not interpreted ones)
 from seqmix.ops.delta import delta_rule

@@ -16,7 +16,7 @@ and ``c_L`` its total. Every exponent below is ``<= 0``::
     S' = diag(exp(c_L)) S + (k * exp(c_L - c))^T v
 
 ``A`` is ``(q k^T) * exp(c_i - c_j)`` for a per-head gate; for a per-channel gate it is built from
-sub-chunks of 16 (see the per-channel section). Two forms share these formulas:
+sub-chunks of 16 (:mod:`seqmix.kernels.gla_channel`). Two forms share these formulas:
 
 - the walks (gate per head or none): one program per sequence, head and block of state columns
   walks the chunks in order, keeping ``S`` in registers (no state goes to memory). The backward
@@ -76,8 +76,6 @@ STATE_STAGES = 2
 OUT_BV = 64  # columns per output program
 PAR_BK, PAR_BV = 64, 64  # state rows per dq / dk program, columns per dv program (and step of their loops)
 PAR_WARPS, PAR_STAGES = 8, 2
-SUB_CHUNK = 16  # sub-chunk of the per-channel gate's scores
-CHANNEL_BV = 128  # columns per per-channel output and dv program: each recomputes its diagonal scores
 # the chunk-parallel forward keeps its states (float32, as large as q, k, v and o together in bf16)
 # for the backward; False recomputes them there (one more state pass: ~1.6 GB of traffic per 1M
 # token-heads at D = 128)
@@ -514,261 +512,11 @@ def _states_kernel(
     tl.store(final + i_nh.to(tl.int64) * K * V + offs, b_S, mask=mask)
 
 
-# ----------------------------------------------------------------------------- per-channel gates, chunk-parallel
-#
-# A chunk of BT rows is cut into sub-chunks of SUB = 16. Between sub-chunks J < I the scores are
-# tensor-core products of gated rows referenced at a sub-chunk boundary b (the gate's cumsum at the
-# end of the earlier sub-chunk, or the start of the later one), so that every exponent is <= 0:
-#     A_IJ = (q_I * exp(c_I - b)) (k_J * exp(b - c_J))^T
-# Inside a sub-chunk the 16 x 16 scores are summed one key (or query) row at a time, each row read
-# from memory.
-
-
-@triton.jit
-def _rows_at(s0, Tn, N: tl.constexpr, ANTI: tl.constexpr):
-    """Time indices of the ``N`` rows from walk position ``s0`` (reversed when ``ANTI``) and which are real."""
-    s = s0 + tl.arange(0, N)
-    if ANTI:
-        t = Tn - 1 - s
-    else:
-        t = s
-    return t, s < Tn
-
-
-@triton.jit
-def _row_at(x, bos, s, Tn, i_h, cols, H: tl.constexpr, D: tl.constexpr, ANTI: tl.constexpr):
-    """Row of walk position ``s`` of a ``[rows, H, D]`` tensor, in fp32 (zero past the end)."""
-    if ANTI:
-        t = Tn - 1 - s
-    else:
-        t = s
-    ok = (cols < D) & ((cols * 0 + s) < Tn)
-    return tl.load(x + (bos + t).to(tl.int64) * H * D + i_h * D + cols, mask=ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _gate_row(g, bos, s, Tn, i_h, cols, H: tl.constexpr, K: tl.constexpr, ANTI: tl.constexpr):
-    """The gate that walk position ``s`` reads (``g_{t+1}`` in the anticausal pass, 0 past the end)."""
-    if ANTI:
-        t = Tn - s
-        ok = (cols < K) & ((cols * 0 + s) < Tn) & ((cols * 0 + s) > 0)
-    else:
-        t = s
-        ok = (cols < K) & ((cols * 0 + s) < Tn)
-    return tl.load(g + (bos + t).to(tl.int64) * H * K + i_h * K + cols, mask=ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _gate_before(g, bos, i_c, n, Tn, i_h, ck, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, ANTI: tl.constexpr):
-    """Sum of the gates of the first ``n`` rows of chunk ``i_c``: ``[len(ck)]``."""
-    t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    return tl.sum(_gate(g, bos, t, valid & (tl.arange(0, BT) < n), Tn, i_h, ck, H, K, BT, 2, ANTI), 0)
-
-
-@triton.jit
-def _sub_chunk(x, g, bos, i_c, m, b, Tn, i_h, ck, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-               SUB: tl.constexpr, ANTI: tl.constexpr):
-    """Sub-chunk ``m`` of chunk ``i_c``, ``b`` the sum of the chunk's gates before it: its times,
-    validity, rows of ``x`` (fp32, ``[SUB, len(ck)]``), the gate's cumsum from the chunk start ``c``
-    and its value ``e`` at the sub-chunk's end."""
-    t, valid = _rows_at(i_c * BT + m * SUB, Tn, SUB, ANTI)
-    b_x = _tile(x + i_h * K, bos + t, valid, ck, K, H * K).to(tl.float32)
-    b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, SUB, 2, ANTI)
-    return t, valid, b_x, b[None, :] + tl.cumsum(b_g, 0), b + tl.sum(b_g, 0)
-
-
-@triton.jit
-def _diag_scores(q_m, k, g, c_m, b_m, bos, s0, Tn, i_h, ck, H: tl.constexpr, K: tl.constexpr,
-                 SUB: tl.constexpr, ANTI: tl.constexpr):
-    """``A [i, j] = sum_k q_ik k_jk exp(c_ik - c_jk)`` inside the sub-chunk from walk position ``s0``,
-    where ``i`` sees ``j``, else 0; ``q_m``, ``c_m`` its tiles, ``b_m`` the gate sum before it."""
-    r = tl.arange(0, SUB)
-    A = tl.zeros([SUB, SUB], dtype=tl.float32)
-    c_j = b_m
-    for j in range(SUB):
-        k_j = _row_at(k, bos, s0 + j, Tn, i_h, ck, H, K, ANTI)
-        c_j += _gate_row(g, bos, s0 + j, Tn, i_h, ck, H, K, ANTI)
-        col = tl.sum(q_m * k_j[None, :] * tl.exp(tl.minimum(c_m - c_j[None, :], 0.0)), 1)
-        A = tl.where(r[None, :] == j, col[:, None], A)
-    return tl.where(_keep(SUB, ANTI), A, 0.0)
-
-
-@triton.jit
-def _diag_from_keys(W, k, g, c_m, b_m, bos, s0, Tn, i_h, ck, H: tl.constexpr, K: tl.constexpr,
-                    SUB: tl.constexpr, ANTI: tl.constexpr):
-    """``out_ik = sum_j W_ij k_jk exp(c_ik - c_jk)`` inside the sub-chunk, for a masked ``W``."""
-    r = tl.arange(0, SUB)
-    out = tl.zeros(c_m.shape, dtype=tl.float32)
-    c_j = b_m
-    for j in range(SUB):
-        k_j = _row_at(k, bos, s0 + j, Tn, i_h, ck, H, K, ANTI)
-        c_j += _gate_row(g, bos, s0 + j, Tn, i_h, ck, H, K, ANTI)
-        w_j = tl.sum(tl.where(r[None, :] == j, W, 0.0), 1)
-        out += w_j[:, None] * k_j[None, :] * tl.exp(tl.minimum(c_m - c_j[None, :], 0.0))
-    return out
-
-
-@triton.jit
-def _diag_from_queries(W, q, g, c_m, b_m, bos, s0, Tn, i_h, ck, H: tl.constexpr, K: tl.constexpr,
-                       SUB: tl.constexpr, ANTI: tl.constexpr):
-    """``out_jk = sum_i W_ij q_ik exp(c_ik - c_jk)`` inside the sub-chunk, for a masked ``W``."""
-    r = tl.arange(0, SUB)
-    out = tl.zeros(c_m.shape, dtype=tl.float32)
-    c_i = b_m
-    for i in range(SUB):
-        q_i = _row_at(q, bos, s0 + i, Tn, i_h, ck, H, K, ANTI)
-        c_i += _gate_row(g, bos, s0 + i, Tn, i_h, ck, H, K, ANTI)
-        w_i = tl.sum(tl.where(r[:, None] == i, W, 0.0), 0)
-        out += w_i[:, None] * q_i[None, :] * tl.exp(tl.minimum(c_i[None, :] - c_m, 0.0))
-    return out
-
-
-@triton.jit
-def _channel_output(q, k, v, g, S, o, scale, bos, Tn, i_c, i_h, ck, cv,
-                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr,
-                    ANTI: tl.constexpr):
-    """``o = scale * [(q * exp(c)) S + A v]`` of one chunk, per sub-chunk ``m``: ``A v`` from the
-    earlier sub-chunks (referenced at ``m``'s start) and the diagonal block."""
-    dt = k.dtype.element_ty
-    b_S = S.to(dt)
-    b_m = tl.zeros(ck.shape, dtype=tl.float32)
-    for m in range(BT // SUB):
-        s0 = i_c * BT + m * SUB
-        t, valid, b_q, c_m, e_m = _sub_chunk(q, g, bos, i_c, m, b_m, Tn, i_h, ck, H, K, BT, SUB, ANTI)
-        rows = bos + t
-        b_o = _dot((b_q * tl.exp(c_m)).to(dt), b_S)
-        b_qr = (b_q * tl.exp(c_m - b_m[None, :])).to(dt)
-        b_J = tl.zeros(ck.shape, dtype=tl.float32)
-        for J in range(m):
-            t_J, valid_J, b_k, c_J, b_J = _sub_chunk(k, g, bos, i_c, J, b_J, Tn, i_h, ck, H, K, BT, SUB, ANTI)
-            b_A = _dot(b_qr, tl.trans((b_k * tl.exp(b_m[None, :] - c_J)).to(dt)))
-            b_o += _dot(b_A.to(dt), _tile(v + i_h * V, bos + t_J, valid_J, cv, V, H * V))
-        b_A = _diag_scores(b_q, k, g, c_m, b_m, bos, s0, Tn, i_h, ck, H, K, SUB, ANTI)
-        b_o += _dot(b_A.to(dt), _tile(v + i_h * V, rows, valid, cv, V, H * V))
-        _store(o + i_h * V, scale * b_o, rows, valid, cv, V, H * V)
-        b_m = e_m
-
-
-@triton.jit
-def _channel_term(k, v, g, states, dstates, bos, Tn, i_t, i_c, i_h, ck, H: tl.constexpr, K: tl.constexpr,
-                  V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, ANTI: tl.constexpr):
-    """The chunk's gate total ``c_L`` and ``<dS', S'>`` (:func:`_chunk_term`) for channels ``ck``."""
-    t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    rows = bos + t
-    b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI)
-    b_cl = tl.sum(b_g, 0)
-    b_dk = tl.zeros([BT, ck.shape[0]], dtype=tl.float32)
-    b_SdS = tl.zeros(ck.shape, dtype=tl.float32)
-    for i_v in range(tl.cdiv(V, BV)):
-        cv = i_v * BV + tl.arange(0, BV)
-        b_dS = _state_tile(dstates, i_t, i_h, ck, cv, H, K, V)
-        b_SdS += tl.sum(_state_tile(states, i_t, i_h, ck, cv, H, K, V) * b_dS, 1)
-        b_dk += _dot_split(_tile(v + i_h * V, rows, valid, cv, V, H * V), tl.trans(b_dS), False)
-    b_dk *= tl.exp(b_cl[None, :] - tl.cumsum(b_g, 0))
-    return b_cl, _chunk_term(b_SdS, b_cl, _tile(k + i_h * K, rows, valid, ck, K, H * K), b_dk)
-
-
-@triton.jit
-def _channel_dqk(
-    q, k, v, g, states, dstates, do, dq, dk, dG, scale, bos, Tn, i_t, i_c, i_h, i_k,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BVF: tl.constexpr, SUB: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr,
-):
-    """dq, dk and dg of one chunk for channels ``i_k``, sub-chunk by sub-chunk from the last (the
-    gate's gradient is a suffix sum), with the formulas of :func:`_chunk_dqk` per channel."""
-    dt = k.dtype.element_ty
-    ck = i_k * BK + tl.arange(0, BK)
-    cvf = tl.arange(0, BVF)
-    b_cl, b_carry = _channel_term(k, v, g, states, dstates, bos, Tn, i_t, i_c, i_h, ck, H, K, V, BT, BV, ANTI)
-    M = BT // SUB
-    for i in range(M):
-        m = M - 1 - i
-        s0 = i_c * BT + m * SUB
-        b_m = _gate_before(g, bos, i_c, m * SUB, Tn, i_h, ck, H, K, BT, ANTI)
-        t, valid, b_k, c_m, e_m = _sub_chunk(k, g, bos, i_c, m, b_m, Tn, i_h, ck, H, K, BT, SUB, ANTI)
-        rows = bos + t
-        b_dk = tl.zeros([SUB, BK], dtype=tl.float32)
-        b_dq = tl.zeros([SUB, BK], dtype=tl.float32)
-        for i_v in range(tl.cdiv(V, BV)):
-            cv = i_v * BV + tl.arange(0, BV)
-            b_dk += _dot_split(_tile(v + i_h * V, rows, valid, cv, V, H * V),
-                               tl.trans(_state_tile(dstates, i_t, i_h, ck, cv, H, K, V)), False)
-            if HAS_Q:
-                b_dq += _dot_split(_tile(do + i_h * V, rows, valid, cv, V, H * V),
-                                   tl.trans(_state_tile(states, i_t, i_h, ck, cv, H, K, V)), False)
-        b_dk *= tl.exp(b_cl[None, :] - c_m)
-        b_x = tl.zeros([SUB, BK], dtype=tl.float32)
-        if HAS_Q:
-            b_do = _tile(do + i_h * V, rows, valid, cvf, V, H * V)
-            b_v = _tile(v + i_h * V, rows, valid, cvf, V, H * V)
-            b_dq *= tl.exp(c_m)
-            b_acc = tl.zeros([SUB, BK], dtype=tl.float32)
-            b_J = tl.zeros([BK], dtype=tl.float32)
-            for J in range(m):
-                t_J, valid_J, b_kJ, c_J, b_J = _sub_chunk(k, g, bos, i_c, J, b_J, Tn, i_h, ck, H, K, BT, SUB, ANTI)
-                b_dA = _dot(b_do, tl.trans(_tile(v + i_h * V, bos + t_J, valid_J, cvf, V, H * V)))
-                b_acc += _dot(b_dA.to(dt), (b_kJ * tl.exp(b_m[None, :] - c_J)).to(dt))
-            b_dq += b_acc * tl.exp(c_m - b_m[None, :])
-            b_acc = tl.zeros([SUB, BK], dtype=tl.float32)
-            b_I = e_m
-            for I in range(m + 1, M):
-                t_I, valid_I, b_qI, c_I, b_I = _sub_chunk(q, g, bos, i_c, I, b_I, Tn, i_h, ck, H, K, BT, SUB, ANTI)
-                b_dA = _dot(_tile(do + i_h * V, bos + t_I, valid_I, cvf, V, H * V), tl.trans(b_v))
-                b_acc += _dot(tl.trans(b_dA).to(dt), (b_qI * tl.exp(c_I - e_m[None, :])).to(dt))
-            b_dk += scale * b_acc * tl.exp(e_m[None, :] - c_m)
-            b_dA = tl.where(_keep(SUB, ANTI), _dot(b_do, tl.trans(b_v)), 0.0)
-            b_dq += _diag_from_keys(b_dA, k, g, c_m, b_m, bos, s0, Tn, i_h, ck, H, K, SUB, ANTI)
-            b_dk += scale * _diag_from_queries(b_dA, q, g, c_m, b_m, bos, s0, Tn, i_h, ck, H, K, SUB, ANTI)
-            b_dq *= scale
-            _store(dq + i_h * K, b_dq, rows, valid, ck, K, H * K)
-            b_x = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32) * b_dq
-        _store(dk + i_h * K, b_dk, rows, valid, ck, K, H * K)
-        b_x -= b_k * b_dk
-        _store_gate_grad(dG, b_carry[None, :] + _suffix(b_x), rows, t, valid, Tn, i_h, ck, H, K, 2, ANTI)
-        b_carry += tl.sum(b_x, 0)
-
-
-@triton.jit
-def _channel_dv(
-    q, k, g, dstates, do, dv, scale, bos, Tn, i_t, i_c, i_h, i_v,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    SUB: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr,
-):
-    """dv of one chunk for columns ``i_v``, per key sub-chunk ``m``: ``(k * exp(c_L - c)) dS'`` plus
-    ``scale * A^T do`` from the later sub-chunks (referenced at ``m``'s end) and the diagonal block."""
-    dt = k.dtype.element_ty
-    ck = tl.arange(0, BK)
-    cv = i_v * BV + tl.arange(0, BV)
-    b_cl = _gate_before(g, bos, i_c, BT, Tn, i_h, ck, H, K, BT, ANTI)
-    b_dS = _state_tile(dstates, i_t, i_h, ck, cv, H, K, V).to(dt)
-    M = BT // SUB
-    b_m = tl.zeros([BK], dtype=tl.float32)
-    for m in range(M):
-        s0 = i_c * BT + m * SUB
-        t, valid, b_k, c_m, e_m = _sub_chunk(k, g, bos, i_c, m, b_m, Tn, i_h, ck, H, K, BT, SUB, ANTI)
-        rows = bos + t
-        b_dv = _dot((b_k * tl.exp(b_cl[None, :] - c_m)).to(dt), b_dS)
-        if HAS_Q:
-            b_kr = (b_k * tl.exp(e_m[None, :] - c_m)).to(dt)
-            b_acc = tl.zeros([SUB, BV], dtype=tl.float32)
-            b_I = e_m
-            for I in range(m + 1, M):
-                t_I, valid_I, b_qI, c_I, b_I = _sub_chunk(q, g, bos, i_c, I, b_I, Tn, i_h, ck, H, K, BT, SUB, ANTI)
-                b_A = _dot((b_qI * tl.exp(c_I - e_m[None, :])).to(dt), tl.trans(b_kr))
-                b_acc += _dot(tl.trans(b_A).to(dt), _tile(do + i_h * V, bos + t_I, valid_I, cv, V, H * V))
-            b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
-            b_A = _diag_scores(b_q, k, g, c_m, b_m, bos, s0, Tn, i_h, ck, H, K, SUB, ANTI)
-            b_acc += _dot(tl.trans(b_A).to(dt), _tile(do + i_h * V, rows, valid, cv, V, H * V))
-            b_dv += scale * b_acc
-        _store(dv + i_h * V, b_dv, rows, valid, cv, V, H * V)
-        b_m = e_m
-
-
 @triton.jit
 def _output_kernel(
     q, k, v, g, states, o, chunk_first, chunk_seq, cu_seqlens, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    SUB: tl.constexpr, GATE: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
+    GATE: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """``o = scale * [(q * exp(c)) S + A v]`` for chunk ``i_t``, head ``i_h``, columns ``i_v``;
     ``S`` is the state before the chunk."""
@@ -779,19 +527,16 @@ def _output_kernel(
     ck = tl.arange(0, BK)
     cv = i_v * BV + tl.arange(0, BV)
     b_S = _state_tile(states, i_t, i_h, ck, cv, H, K, V)
-    if GATE == 2:
-        _channel_output(q, k, v, g, b_S, o, scale, bos, Tn, i_c, i_h, ck, cv, H, K, V, BT, SUB, ANTI)
-    else:
-        t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-        rows = bos + t
-        dt = k.dtype.element_ty
-        b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
-        b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K)
-        b_v = _tile(v + i_h * V, rows, valid, cv, V, H * V)
-        b_c = tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, GATE, ANTI), 0)
-        b_A = _scores(b_q, b_k, b_c, BT, ANTI)
-        b_o = _dot((b_q * tl.exp(b_c)[:, None]).to(dt), b_S.to(dt)) + _dot(b_A.to(dt), b_v)
-        _store(o + i_h * V, scale * b_o, rows, valid, cv, V, H * V)
+    t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
+    rows = bos + t
+    dt = k.dtype.element_ty
+    b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
+    b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K)
+    b_v = _tile(v + i_h * V, rows, valid, cv, V, H * V)
+    b_c = tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, GATE, ANTI), 0)
+    b_A = _scores(b_q, b_k, b_c, BT, ANTI)
+    b_o = _dot((b_q * tl.exp(b_c)[:, None]).to(dt), b_S.to(dt)) + _dot(b_A.to(dt), b_v)
+    _store(o + i_h * V, scale * b_o, rows, valid, cv, V, H * V)
 
 
 @triton.jit
@@ -903,7 +648,7 @@ def _chunk_dv(
 def _chunk_bwd_kernel(
     q, k, v, g, states, dstates, do, dq, dk, dv, dG, chunk_first, chunk_seq, cu_seqlens, scale, T, TG,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKF: tl.constexpr, BVF: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BVD: tl.constexpr, SUB: tl.constexpr, NK: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BVD: tl.constexpr, NK: tl.constexpr,
     GATE: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """Programs ``[0, NK)`` of chunk ``i_t`` compute dq and dk (and the gate's gradient, into dG slot
@@ -914,14 +659,7 @@ def _chunk_bwd_kernel(
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    if GATE == 2:
-        if role < NK:
-            _channel_dqk(q, k, v, g, states, dstates, do, dq, dk, dG, scale, bos, Tn, i_t, i_c, i_h, role,
-                         H, K, V, BT, BK, BV, BVF, SUB, HAS_Q, ANTI)
-        else:
-            _channel_dv(q, k, g, dstates, do, dv, scale, bos, Tn, i_t, i_c, i_h, role - NK,
-                        H, K, V, BT, BKF, BVD, SUB, HAS_Q, ANTI)
-    elif role < NK:
+    if role < NK:
         _chunk_dqk(q, k, v, g, states, dstates, do, dq, dk, dG, scale, bos, Tn, i_t, i_h, t, valid, role, TG,
                    H, K, V, BT, BK, BV, GATE, HAS_Q, ANTI)
     else:
@@ -992,11 +730,15 @@ def _outputs(q, k, v, g, states, chunks: _Chunks, scale: float, anticausal: bool
     """``_output_kernel`` over every chunk: ``o [B, T, H, V]`` in v's dtype."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BV = min(_pow2(V), CHANNEL_BV if _gate_kind(g) == 2 else OUT_BV)
+    if _gate_kind(g) == 2:
+        from seqmix.kernels import gla_channel  # per-channel gates: their own kernels
+
+        return gla_channel.outputs(q, k, v, g, states, chunks, scale, anticausal, BT)
+    BV = min(_pow2(V), OUT_BV)
     o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
     _output_kernel[(chunks.count * triton.cdiv(V, BV), H)](
         q, k, v, g, states, o, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
-        H=H, K=K, V=V, BT=BT, BK=_pow2(K), BV=BV, SUB=SUB_CHUNK, GATE=_gate_kind(g), ANTI=anticausal,
+        H=H, K=K, V=V, BT=BT, BK=_pow2(K), BV=BV, GATE=_gate_kind(g), ANTI=anticausal,
         IS_VARLEN=chunks.cu_seqlens is not None, num_warps=PAR_WARPS, num_stages=PAR_STAGES,
     )
     return o
@@ -1009,22 +751,26 @@ def _parallel_backward(q, k, v, g, h0, states, do, dht, chunks: _Chunks, scale: 
     V = v.shape[-1]
     gate = _gate_kind(g)
     dstates, dh0 = _states(q, do, g, dht, chunks, (H, K, V), scale, anticausal, BT, reverse=True)
+    dh0 = dh0.to(h0.dtype) if h0 is not None else None
+    if gate == 2:
+        from seqmix.kernels import gla_channel  # per-channel gates: their own kernels
+
+        return *gla_channel.backward(q, k, v, g, states, dstates, do, chunks, scale, anticausal, BT), dh0
     BKF, BVF = _pow2(K), _pow2(V)
     BK, BV = min(BKF, PAR_BK), min(BVF, PAR_BV)
-    BVD = min(BVF, CHANNEL_BV if gate == 2 else PAR_BV)
+    BVD = min(BVF, PAR_BV)
     NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BVD)
     dq = torch.empty_like(q) if q is not None else None
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    KG = K if gate == 2 else 1
-    dG = torch.zeros(NK if gate == 1 else 1, B * T, H, KG, dtype=torch.float32, device=k.device) if gate else None
+    dG = torch.zeros(NK, B * T, H, 1, dtype=torch.float32, device=k.device) if gate else None
     _chunk_bwd_kernel[((NK + NV) * chunks.count, H)](
         q, k, v, g, states, dstates, do, dq, dk, dv, dG, chunks.first, chunks.seq, chunks.cu_seqlens, scale,
-        chunks.T, B * T * H * KG, H=H, K=K, V=V, BT=BT, BKF=BKF, BVF=BVF, BK=BK, BV=BV, BVD=BVD, SUB=SUB_CHUNK, NK=NK,
+        chunks.T, B * T * H, H=H, K=K, V=V, BT=BT, BKF=BKF, BVF=BVF, BK=BK, BV=BV, BVD=BVD, NK=NK,
         GATE=gate, HAS_Q=q is not None, ANTI=anticausal,
         IS_VARLEN=chunks.cu_seqlens is not None, num_warps=PAR_WARPS, num_stages=PAR_STAGES,
     )
     dg = dG.sum(0).reshape(g.shape).to(g.dtype) if gate else None
-    return dq, dk, dv, dg, (dh0.to(h0.dtype) if h0 is not None else None)
+    return dq, dk, dv, dg, dh0
 
 
 def _walk_forward(q, k, v, g, h0, chunks: _Chunks, scale: float, anticausal: bool, BT: int, output_final_state: bool):

@@ -1,0 +1,115 @@
+"""Per-channel-gate GLA on the GPU: each kernel of the chunk-parallel form timed alone, under launch
+shapes set one configuration at a time, and fwd+bwd of the op (bf16, H=16, D=128, 65,536 tokens).
+
+    python benchmarks/bench_channel.py [--lengths 8192] [--sweep]
+
+Each configuration is a set of module constants of :mod:`seqmix.kernels.gla_channel` (applied,
+timed, restored). Kernels: the forward state pass, the outputs, the reverse state pass, dq/dk/dg, dv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from seqmix.kernels import gla_channel, gla_chunk
+from seqmix.ops.gla import gated_linear_attention
+
+H, D, TOKENS = 16, 128, 65536
+SWEEP = [
+    {},
+    {"DQK_WARPS": 4},
+    {"DQK_BK": 16, "DQK_WARPS": 4},
+    {"DQK_BK": 64},
+    {"OUT_WARPS": 8, "DV_WARPS": 8},
+    {"KC": 16},
+    {"KC": 64, "OUT_WARPS": 8, "DV_WARPS": 8},
+    {"OUT_STAGES": 2, "DV_STAGES": 2, "DQK_STAGES": 2},
+    {"OUT_BV": 64, "DV_BV": 64},
+]
+
+
+def inputs(T: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    B = TOKENS // T
+    x = {n: torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for n in ("q", "k", "v", "do")}
+    x["k"] = x["k"] / D**0.5
+    x["g"] = F.logsigmoid(torch.randn(B, T, H, D, device="cuda") + 3).to(torch.bfloat16)
+    return x
+
+
+def ms(fn) -> float:
+    return do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def kernels(x: dict, BT: int = 64) -> dict[str, float]:
+    """Median ms of each kernel of one fwd+bwd, launched alone on the same inputs."""
+    q, k, v, g, do = x["q"], x["k"], x["v"], x["g"], x["do"]
+    scale = D**-0.5
+    chunks = gla_chunk._Chunks(k, None, BT)
+    dims = (H, D, D)
+    states, _ = gla_chunk._states(k, v, g, None, chunks, dims, 1.0, False, BT)
+    dstates, _ = gla_chunk._states(q, do, g, None, chunks, dims, scale, False, BT, reverse=True)
+    out = {
+        "states fwd": ms(lambda: gla_chunk._states(k, v, g, None, chunks, dims, 1.0, False, BT)),
+        "output": ms(lambda: gla_channel.outputs(q, k, v, g, states, chunks, scale, False, BT)),
+        "states rev": ms(lambda: gla_chunk._states(q, do, g, None, chunks, dims, scale, False, BT, reverse=True)),
+    }
+    saved = gla_channel._dv_kernel.run, gla_channel._dqk_kernel.run
+    for name, skip in (("dqk+dv", None), ("dv", "_dqk_kernel"), ("dqk", "_dv_kernel")):
+        if skip:  # time one of the two launches: the other's run is a no-op
+            getattr(gla_channel, skip).run = lambda *a, **kw: None
+        out[name] = ms(lambda: gla_channel.backward(q, k, v, g, states, dstates, do, chunks, scale, False, BT))
+        gla_channel._dv_kernel.run, gla_channel._dqk_kernel.run = saved
+    return out
+
+
+def total(x: dict) -> float:
+    leaves = [x[n].requires_grad_() for n in ("q", "k", "v", "g")]
+
+    def step():
+        o, _ = gated_linear_attention(x["q"], x["k"], x["v"], x["g"], causal=True, backend="triton", chunk_size=64)
+        torch.autograd.grad(o, leaves, x["do"])
+
+    out = do_bench(step, warmup=10, rep=100, return_mode="median")
+    for t in leaves:
+        t.requires_grad_(False)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192])
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--budget", type=float, default=150.0, help="seconds after which the sweep stops")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}", flush=True)
+    for T in args.lengths:
+        x = inputs(T)
+        print(f"T={T}: fwd+bwd of the op {total(x):.3f} ms", flush=True)
+        for cfg in SWEEP if args.sweep else [{}]:
+            if time.perf_counter() - start > args.budget:
+                print("budget spent: sweep stopped", flush=True)
+                break
+            old = {n: getattr(gla_channel, n) for n in cfg}
+            for n, val in cfg.items():
+                setattr(gla_channel, n, val)
+            try:
+                t = kernels(x)
+                line = "  ".join(f"{n} {v:6.3f}" for n, v in t.items())
+                print(f"  {cfg or 'default'}: {line}", flush=True)
+            except Exception as e:  # noqa: BLE001  (a configuration that does not compile or fit)
+                print(f"  {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+            finally:
+                for n, val in old.items():
+                    setattr(gla_channel, n, val)
+        del x
+
+
+if __name__ == "__main__":
+    main()
