@@ -4,7 +4,8 @@ shapes set one configuration at a time, and fwd+bwd of the op (bf16, H=16, D=128
     python benchmarks/bench_channel.py [--lengths 8192] [--sweep]
 
 Each configuration is a set of module constants of :mod:`seqmix.kernels.gla_channel` (applied,
-timed, restored). Kernels: the forward state pass, the outputs, the reverse state pass, dq/dk/dg, dv.
+timed, restored). Times: the state passes, the forward's and the backward's launches of that module
+together, then each of its kernels alone (the scores counted once, in the forward).
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ H, D, TOKENS = 16, 128, 65536
 SWEEP = [
     {},
     {"DQK_WARPS": 4},
-    {"DQK_BK": 16, "DQK_WARPS": 4},
     {"DQK_BK": 64},
-    {"OUT_WARPS": 8, "DV_WARPS": 8},
-    {"KC": 16},
-    {"KC": 64, "OUT_WARPS": 8, "DV_WARPS": 8},
-    {"OUT_STAGES": 2, "DV_STAGES": 2, "DQK_STAGES": 2},
+    {"DQK_BV": 128},
+    {"OUT_WARPS": 8, "DV_WARPS": 8, "SCORES_WARPS": 8},
+    {"KB": 64},
+    {"KC": 16, "DIAG_BK": 16},
+    {"DIAG_BK": 64},
     {"OUT_BV": 64, "DV_BV": 64},
+    {"SCORES_STAGES": 2, "OUT_STAGES": 2, "DV_STAGES": 2, "DQK_STAGES": 2},
 ]
+KERNELS = ("_scores_kernel", "_output_kernel", "_dqk_diag_kernel", "_dqk_kernel", "_dv_kernel")
 
 
 def inputs(T: int) -> dict[str, torch.Tensor]:
@@ -54,17 +57,24 @@ def kernels(x: dict, BT: int = 64) -> dict[str, float]:
     dims = (H, D, D)
     states, _ = gla_chunk._states(k, v, g, None, chunks, dims, 1.0, False, BT)
     dstates, _ = gla_chunk._states(q, do, g, None, chunks, dims, scale, False, BT, reverse=True)
+    fwd = lambda: gla_channel.outputs(q, k, v, g, states, chunks, scale, False, BT)  # noqa: E731
+    bwd = lambda: gla_channel.backward(q, k, v, g, states, dstates, do, chunks, scale, False, BT)  # noqa: E731
     out = {
         "states fwd": ms(lambda: gla_chunk._states(k, v, g, None, chunks, dims, 1.0, False, BT)),
-        "output": ms(lambda: gla_channel.outputs(q, k, v, g, states, chunks, scale, False, BT)),
         "states rev": ms(lambda: gla_chunk._states(q, do, g, None, chunks, dims, scale, False, BT, reverse=True)),
+        "outputs": ms(fwd),
+        "backward": ms(bwd),
     }
-    saved = gla_channel._dv_kernel.run, gla_channel._dqk_kernel.run
-    for name, skip in (("dqk+dv", None), ("dv", "_dqk_kernel"), ("dqk", "_dv_kernel")):
-        if skip:  # time one of the two launches: the other's run is a no-op
-            getattr(gla_channel, skip).run = lambda *a, **kw: None
-        out[name] = ms(lambda: gla_channel.backward(q, k, v, g, states, dstates, do, chunks, scale, False, BT))
-        gla_channel._dv_kernel.run, gla_channel._dqk_kernel.run = saved
+    runs = {name: getattr(gla_channel, name).run for name in KERNELS}
+    for name in KERNELS:  # each kernel alone: the others' launches are no-ops
+        for other in KERNELS:
+            if other != name:
+                getattr(gla_channel, other).run = lambda *a, **kw: None
+        try:
+            out[name.strip("_").removesuffix("_kernel")] = ms(fwd if name in ("_scores_kernel", "_output_kernel") else bwd)
+        finally:
+            for other, run in runs.items():
+                getattr(gla_channel, other).run = run
     return out
 
 

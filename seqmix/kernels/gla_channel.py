@@ -47,8 +47,12 @@ from seqmix.kernels.gla_chunk import (
 
 SUB = 16  # rows of a sub-chunk
 KC = 32  # channels per step of the diagonal scores of the outputs and dv
+KB = 32  # channels per step of the scores between sub-chunks and of the state reads of the outputs and dv
+SCORES_WARPS, SCORES_STAGES = 4, 1
 OUT_BV, OUT_WARPS, OUT_STAGES = 128, 4, 1  # columns per output program
 DQK_BK, DQK_WARPS, DQK_STAGES = 32, 8, 1  # channels per dq / dk / dg program
+DQK_BV = 64  # columns per step of their reads of v, do and the states
+DIAG_BK, DIAG_BV, DIAG_WARPS = 32, 128, 4  # channels per program, columns per step, of the diagonal blocks of dq / dk
 DV_BV, DV_WARPS, DV_STAGES = 128, 4, 1  # columns per dv program
 
 
@@ -61,25 +65,6 @@ def _rows_at(s0, Tn, N: tl.constexpr, ANTI: tl.constexpr):
     else:
         t = s
     return t, s < Tn
-
-
-@triton.jit
-def _gate_before(g, bos, i_c, n, Tn, i_h, ck, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, ANTI: tl.constexpr):
-    """Sum of the gates of the first ``n`` rows of chunk ``i_c``: ``[len(ck)]``."""
-    t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    return tl.sum(_gate(g, bos, t, valid & (tl.arange(0, BT) < n), Tn, i_h, ck, H, K, BT, 2, ANTI), 0)
-
-
-@triton.jit
-def _sub_chunk(x, g, bos, i_c, m, b, Tn, i_h, ck, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-               SUB: tl.constexpr, ANTI: tl.constexpr):
-    """Sub-chunk ``m`` of chunk ``i_c``, ``b`` the sum of the chunk's gates before it: its times,
-    validity, rows of ``x`` (fp32, ``[SUB, len(ck)]``), the gate's cumsum from the chunk start ``c``
-    and its value ``e`` at the sub-chunk's end."""
-    t, valid = _rows_at(i_c * BT + m * SUB, Tn, SUB, ANTI)
-    b_x = _tile(x + i_h * K, bos + t, valid, ck, K, H * K).to(tl.float32)
-    b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, SUB, 2, ANTI)
-    return t, valid, b_x, b[None, :] + tl.cumsum(b_g, 0), b + tl.sum(b_g, 0)
 
 
 @triton.jit
@@ -105,170 +90,244 @@ def _diag_scores(q, k, g, bos, t, valid, Tn, i_h, H: tl.constexpr, K: tl.constex
     return A
 
 
+@triton.jit
+def _boundary(c, I, SUB: tl.constexpr, BT: tl.constexpr):
+    """Masks of the rows of sub-chunk ``I`` and of the rows before it, and the gate's cumsum at its
+    start ``b`` (``[len(c[0])]``, the cumsum ``c [BT, .]`` at row ``I * SUB - 1``)."""
+    r = tl.arange(0, BT)
+    b = tl.sum(tl.where((r == I * SUB - 1)[:, None], c, 0.0), 0)
+    return (r // SUB == I)[:, None], (r < I * SUB)[:, None], b
+
+
+@triton.jit
+def _scores_kernel(
+    q, k, g, A, chunk_first, chunk_seq, cu_seqlens, T,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr, SUB: tl.constexpr, KC: tl.constexpr,
+    ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """``A [rows, H, BT]`` (fp32) of chunk ``i_t``, head ``i_h``: ``A [i, j]`` query ``i`` reading key
+    ``j`` of the chunk. Between sub-chunks, one product per later sub-chunk ``I`` referenced at its
+    start ``b``: ``(q * exp(c - b))`` over the rows of ``I`` times ``(k * exp(b - c))`` over the rows
+    before it (channels ``KB`` at a time); the diagonal blocks from :func:`_diag_scores`, stored apart."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
+    bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
+    dt = k.dtype.element_ty
+    t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
+    rows = bos + t
+    r = tl.arange(0, BT)
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, KB)):
+        ck = i_k * KB + tl.arange(0, KB)
+        b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+        b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+        b_c = tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI), 0)
+        for I in tl.static_range(1, BT // SUB):
+            in_I, before_I, b_I = _boundary(b_c, I, SUB, BT)
+            b_qI = (b_q * tl.exp(tl.where(in_I, b_c - b_I[None, :], float("-inf")))).to(dt)
+            b_kI = (b_k * tl.exp(tl.where(before_I, b_I[None, :] - b_c, float("-inf")))).to(dt)
+            b_A += _dot(b_qI, tl.trans(b_kI))
+    off = (r // SUB)[:, None] != (r // SUB)[None, :]
+    tl.store(A + (rows * H + i_h)[:, None] * BT + r[None, :], b_A, mask=valid[:, None] & off)
+    for m in tl.static_range(BT // SUB):
+        t_m, valid_m = _rows_at(i_c * BT + m * SUB, Tn, SUB, ANTI)
+        b_Am = _diag_scores(q, k, g, bos, t_m, valid_m, Tn, i_h, H, K, SUB, KC, ANTI)
+        cols = m * SUB + tl.arange(0, SUB)
+        tl.store(A + ((bos + t_m) * H + i_h)[:, None] * BT + cols[None, :], b_Am, mask=valid_m[:, None])
+
+
+@triton.jit
+def _scores_tile(A, rows, valid, i_h, H: tl.constexpr, BT: tl.constexpr):
+    """The chunk's ``A [BT, BT]`` written by :func:`_scores_kernel` (zero rows past the end)."""
+    r = tl.arange(0, BT)
+    return tl.load(A + (rows * H + i_h)[:, None] * BT + r[None, :], mask=valid[:, None], other=0.0)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
 @triton.jit
 def _output_kernel(
-    q, k, v, g, states, o, chunk_first, chunk_seq, cu_seqlens, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    SUB: tl.constexpr, KC: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
+    q, g, v, A, states, o, chunk_first, chunk_seq, cu_seqlens, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
+    ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """``o = scale * [(q * exp(c)) S + A v]`` for chunk ``i_t``, head ``i_h``, columns ``i_v``, per
-    sub-chunk ``m``: ``A v`` from the earlier sub-chunks (referenced at ``m``'s start) and the
-    diagonal block; ``S`` is the state before the chunk."""
+    """``o = scale * [(q * exp(c)) S + A v]`` for chunk ``i_t``, head ``i_h``, columns ``i_v``; ``S``
+    is the state before the chunk, ``A`` from :func:`_scores_kernel`."""
     NV = (V + BV - 1) // BV
     i_t, i_v, i_h = tl.program_id(0) // NV, tl.program_id(0) % NV, tl.program_id(1)
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
-    dt = k.dtype.element_ty
-    ck = tl.arange(0, BK)
+    dt = v.dtype.element_ty
+    t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
+    rows = bos + t
     cv = i_v * BV + tl.arange(0, BV)
-    b_S = _state_tile(states, i_t, i_h, ck, cv, H, K, V).to(dt)
-    b_m = tl.zeros([BK], dtype=tl.float32)
-    for m in range(BT // SUB):
-        t, valid, b_q, c_m, e_m = _sub_chunk(q, g, bos, i_c, m, b_m, Tn, i_h, ck, H, K, BT, SUB, ANTI)
-        rows = bos + t
-        b_o = _dot((b_q * tl.exp(c_m)).to(dt), b_S)
-        b_qr = (b_q * tl.exp(c_m - b_m[None, :])).to(dt)
-        b_J = tl.zeros([BK], dtype=tl.float32)
-        for J in range(m):
-            t_J, valid_J, b_k, c_J, b_J = _sub_chunk(k, g, bos, i_c, J, b_J, Tn, i_h, ck, H, K, BT, SUB, ANTI)
-            b_A = _dot(b_qr, tl.trans((b_k * tl.exp(b_m[None, :] - c_J)).to(dt)))
-            b_o += _dot(b_A.to(dt), _tile(v + i_h * V, bos + t_J, valid_J, cv, V, H * V))
-        b_A = _diag_scores(q, k, g, bos, t, valid, Tn, i_h, H, K, SUB, KC, ANTI)
-        b_o += _dot(b_A.to(dt), _tile(v + i_h * V, rows, valid, cv, V, H * V))
-        _store(o + i_h * V, scale * b_o, rows, valid, cv, V, H * V)
-        b_m = e_m
+    b_o = _dot(_scores_tile(A, rows, valid, i_h, H, BT).to(dt), _tile(v + i_h * V, rows, valid, cv, V, H * V))
+    for i_k in range(tl.cdiv(K, KB)):
+        ck = i_k * KB + tl.arange(0, KB)
+        b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+        b_c = tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI), 0)
+        b_S = _state_tile(states, i_t, i_h, ck, cv, H, K, V).to(dt)
+        b_o += _dot((b_q * tl.exp(b_c)).to(dt), b_S)
+    _store(o + i_h * V, scale * b_o, rows, valid, cv, V, H * V)
 
 
 # ----------------------------------------------------------------------------- backward
 
 
 @triton.jit
+def _dqk_diag_kernel(
+    q, k, v, g, do, dqd, dkd, chunk_first, chunk_seq, cu_seqlens, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    SUB: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """The diagonal sub-chunk blocks' part of dq and dk / scale (fp32) for sub-chunk ``m`` of chunk
+    ``i_t``, head ``i_h``, channels ``i_k``: ``dA = do v^T`` inside the sub-chunk (masked),
+    ``dqd_ik = sum_j dA_ij k_jk E_ijk`` and ``dkd_jk = sum_i dA_ij q_ik E_ijk`` (:func:`_decay3`)."""
+    M: tl.constexpr = BT // SUB
+    NK: tl.constexpr = (K + BK - 1) // BK
+    pid = tl.program_id(0)
+    i_t, m, i_k, i_h = pid // (M * NK), pid // NK % M, pid % NK, tl.program_id(1)
+    i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
+    bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
+    ck = i_k * BK + tl.arange(0, BK)
+    t, valid = _rows_at(i_c * BT + m * SUB, Tn, SUB, ANTI)
+    rows = bos + t
+    b_dA = tl.zeros([SUB, SUB], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        cv = i_v * BV + tl.arange(0, BV)
+        b_dA += _dot(_tile(do + i_h * V, rows, valid, cv, V, H * V), tl.trans(_tile(v + i_h * V, rows, valid, cv, V, H * V)))
+    b_dA = tl.where(_keep(SUB, ANTI), b_dA, 0.0)
+    b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+    b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+    b_E = _decay3(tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, SUB, 2, ANTI), 0), SUB, ANTI)
+    _store(dqd + i_h * K, tl.sum(b_dA[:, :, None] * b_k[None, :, :] * b_E, 1), rows, valid, ck, K, H * K)
+    _store(dkd + i_h * K, tl.sum(b_dA[:, :, None] * b_q[:, None, :] * b_E, 0), rows, valid, ck, K, H * K)
+
+
+@triton.jit
 def _dqk_kernel(
-    q, k, v, g, states, dstates, do, dq, dk, dg, chunk_first, chunk_seq, cu_seqlens, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
+    q, k, v, g, states, dstates, do, dqd, dkd, dq, dk, dg, chunk_first, chunk_seq, cu_seqlens, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     SUB: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """dq, dk and dg of chunk ``i_t``, head ``i_h``, channels ``i_k``, sub-chunk by sub-chunk from the
-    last (the gate's gradient is a suffix sum)::
+    """dq, dk and dg of chunk ``i_t``, head ``i_h``, channels ``i_k``::
 
         dq = scale * [(do S^T) * exp(c) + (dA * D) k],  dk = (v dS'^T) * exp(c_L - c) + scale * (dA * D)^T q
         dg = suffix sum of (q * dq - k * dk) + <dS', S'>
 
     with ``dA = do v^T``, ``D_ijk = exp(c_ik - c_jk) [j <= i]``, ``S`` / ``dS'`` the state before / the
-    gradient of the state after the chunk (every column, kept in registers)."""
+    gradient of the state after the chunk. The diagonal sub-chunk blocks of ``D`` come from
+    :func:`_dqk_diag_kernel` (``dqd``, ``dkd``); the rest, one product pair per later sub-chunk."""
     NK = (K + BK - 1) // BK
     i_t, i_k, i_h = tl.program_id(0) // NK, tl.program_id(0) % NK, tl.program_id(1)
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     dt = k.dtype.element_ty
     ck = i_k * BK + tl.arange(0, BK)
-    cvf = tl.arange(0, BVF)
-    b_S = _state_tile(states, i_t, i_h, ck, cvf, H, K, V)
-    b_dS = _state_tile(dstates, i_t, i_h, ck, cvf, H, K, V)
+    t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
+    rows = bos + t
+    b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+    b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI)
+    b_c = tl.cumsum(b_g, 0)
+    b_cl = tl.sum(b_g, 0)
+    # state parts over columns BV at a time: dk_s = v dS'^T, dq_s = do S^T, <S, dS'> per row, dA = do v^T
+    b_dks = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dqs = tl.zeros([BT, BK], dtype=tl.float32)
+    b_SdS = tl.zeros([BK], dtype=tl.float32)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        cv = i_v * BV + tl.arange(0, BV)
+        b_v = _tile(v + i_h * V, rows, valid, cv, V, H * V)
+        b_S = _state_tile(states, i_t, i_h, ck, cv, H, K, V)
+        b_dS = _state_tile(dstates, i_t, i_h, ck, cv, H, K, V)
+        b_dks += _dot_split(b_v, tl.trans(b_dS), False)
+        b_SdS += tl.sum(b_S * b_dS, 1)
+        if HAS_Q:
+            b_do = _tile(do + i_h * V, rows, valid, cv, V, H * V)
+            b_dqs += _dot_split(b_do, tl.trans(b_S), False)
+            b_dA += _dot(b_do, tl.trans(b_v))
+    b_dks *= tl.exp(b_cl[None, :] - b_c)
     # <dS', S'> with S' = diag(exp(c_L)) S + (k * exp(c_L - c))^T v: exp(c_L) <S, dS'> + sum_j k_j * dk_j
     # (the state part of dk), carried into the gate's gradient of every row of the chunk
-    t_c, valid_c = _chunk_rows(i_c, Tn, BT, ANTI)
-    b_g = _gate(g, bos, t_c, valid_c, Tn, i_h, ck, H, K, BT, 2, ANTI)
-    b_cl = tl.sum(b_g, 0)
-    b_dks = _dot_split(_tile(v + i_h * V, bos + t_c, valid_c, cvf, V, H * V), tl.trans(b_dS), False)
-    b_dks *= tl.exp(b_cl[None, :] - tl.cumsum(b_g, 0))
-    b_carry = tl.exp(b_cl) * tl.sum(b_S * b_dS, 1)
-    b_carry += tl.sum(_tile(k + i_h * K, bos + t_c, valid_c, ck, K, H * K).to(tl.float32) * b_dks, 0)
-    M = BT // SUB
-    for i in range(M):
-        m = M - 1 - i
-        b_m = _gate_before(g, bos, i_c, m * SUB, Tn, i_h, ck, H, K, BT, ANTI)
-        t, valid, b_k, c_m, e_m = _sub_chunk(k, g, bos, i_c, m, b_m, Tn, i_h, ck, H, K, BT, SUB, ANTI)
-        rows = bos + t
-        b_v = _tile(v + i_h * V, rows, valid, cvf, V, H * V)
-        b_dk = _dot_split(b_v, tl.trans(b_dS), False) * tl.exp(b_cl[None, :] - c_m)
-        b_x = tl.zeros([SUB, BK], dtype=tl.float32)
-        if HAS_Q:
-            b_do = _tile(do + i_h * V, rows, valid, cvf, V, H * V)
-            b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
-            b_dq = _dot_split(b_do, tl.trans(b_S), False) * tl.exp(c_m)
-            b_acc = tl.zeros([SUB, BK], dtype=tl.float32)
-            b_J = tl.zeros([BK], dtype=tl.float32)
-            for J in range(m):
-                t_J, valid_J, b_kJ, c_J, b_J = _sub_chunk(k, g, bos, i_c, J, b_J, Tn, i_h, ck, H, K, BT, SUB, ANTI)
-                b_dA = _dot(b_do, tl.trans(_tile(v + i_h * V, bos + t_J, valid_J, cvf, V, H * V)))
-                b_acc += _dot(b_dA.to(dt), (b_kJ * tl.exp(b_m[None, :] - c_J)).to(dt))
-            b_dq += b_acc * tl.exp(c_m - b_m[None, :])
-            b_acc = tl.zeros([SUB, BK], dtype=tl.float32)
-            b_I = e_m
-            for I in range(m + 1, M):
-                t_I, valid_I, b_qI, c_I, b_I = _sub_chunk(q, g, bos, i_c, I, b_I, Tn, i_h, ck, H, K, BT, SUB, ANTI)
-                b_dA = _dot(_tile(do + i_h * V, bos + t_I, valid_I, cvf, V, H * V), tl.trans(b_v))
-                b_acc += _dot(tl.trans(b_dA).to(dt), (b_qI * tl.exp(c_I - e_m[None, :])).to(dt))
-            b_dk += scale * b_acc * tl.exp(e_m[None, :] - c_m)
-            b_dA = tl.where(_keep(SUB, ANTI), _dot(b_do, tl.trans(b_v)), 0.0)
-            b_E = _decay3(c_m, SUB, ANTI)
-            b_dq += tl.sum(b_dA[:, :, None] * b_k[None, :, :] * b_E, 1)
-            b_dk += scale * tl.sum(b_dA[:, :, None] * b_q[:, None, :] * b_E, 0)
-            b_dq *= scale
-            _store(dq + i_h * K, b_dq, rows, valid, ck, K, H * K)
-            b_x = b_q * b_dq
-        _store(dk + i_h * K, b_dk, rows, valid, ck, K, H * K)
-        b_x -= b_k * b_dk
-        _store_gate_grad(dg, b_carry[None, :] + _suffix(b_x), rows, t, valid, Tn, i_h, ck, H, K, 2, ANTI)
-        b_carry += tl.sum(b_x, 0)
+    b_carry = tl.exp(b_cl) * b_SdS + tl.sum(b_k * b_dks, 0)
+    b_x = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    if HAS_Q:
+        b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+        b_dA = b_dA.to(dt)
+        b_dq = _tile(dqd + i_h * K, rows, valid, ck, K, H * K)  # dq and dk / scale from the diagonal blocks
+        b_dk = _tile(dkd + i_h * K, rows, valid, ck, K, H * K)
+        for I in tl.static_range(1, BT // SUB):
+            in_I, before_I, b_I = _boundary(b_c, I, SUB, BT)
+            b_eq = tl.exp(tl.where(in_I, b_c - b_I[None, :], float("-inf")))
+            b_ek = tl.exp(tl.where(before_I, b_I[None, :] - b_c, float("-inf")))
+            b_dq += b_eq * _dot(b_dA, (b_k * b_ek).to(dt))
+            b_dk += b_ek * _dot(tl.trans(b_dA), (b_q * b_eq).to(dt))
+        b_dq = scale * (b_dqs * tl.exp(b_c) + b_dq)
+        _store(dq + i_h * K, b_dq, rows, valid, ck, K, H * K)
+        b_x = b_q * b_dq
+    b_dk = b_dks + scale * b_dk
+    _store(dk + i_h * K, b_dk, rows, valid, ck, K, H * K)
+    b_x -= b_k * b_dk
+    _store_gate_grad(dg, b_carry[None, :] + _suffix(b_x), rows, t, valid, Tn, i_h, ck, H, K, 2, ANTI)
 
 
 @triton.jit
 def _dv_kernel(
-    q, k, g, dstates, do, dv, chunk_first, chunk_seq, cu_seqlens, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    SUB: tl.constexpr, KC: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
+    k, g, A, dstates, do, dv, chunk_first, chunk_seq, cu_seqlens, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr, BV: tl.constexpr,
+    HAS_Q: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """dv of chunk ``i_t``, head ``i_h``, columns ``i_v``, per key sub-chunk ``m``:
-    ``(k * exp(c_L - c)) dS'`` plus ``scale * A^T do`` from the later sub-chunks (referenced at
-    ``m``'s end) and the diagonal block."""
+    """dv of chunk ``i_t``, head ``i_h``, columns ``i_v``: ``(k * exp(c_L - c)) dS' + scale * A^T do``,
+    ``A`` from :func:`_scores_kernel`."""
     NV = (V + BV - 1) // BV
     i_t, i_v, i_h = tl.program_id(0) // NV, tl.program_id(0) % NV, tl.program_id(1)
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     dt = k.dtype.element_ty
-    ck = tl.arange(0, BK)
+    t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
+    rows = bos + t
     cv = i_v * BV + tl.arange(0, BV)
-    b_cl = _gate_before(g, bos, i_c, BT, Tn, i_h, ck, H, K, BT, ANTI)
-    b_dS = _state_tile(dstates, i_t, i_h, ck, cv, H, K, V).to(dt)
-    M = BT // SUB
-    b_m = tl.zeros([BK], dtype=tl.float32)
-    for m in range(M):
-        t, valid, b_k, c_m, e_m = _sub_chunk(k, g, bos, i_c, m, b_m, Tn, i_h, ck, H, K, BT, SUB, ANTI)
-        rows = bos + t
-        b_dv = _dot((b_k * tl.exp(b_cl[None, :] - c_m)).to(dt), b_dS)
-        if HAS_Q:
-            b_kr = (b_k * tl.exp(e_m[None, :] - c_m)).to(dt)
-            b_acc = tl.zeros([SUB, BV], dtype=tl.float32)
-            b_I = e_m
-            for I in range(m + 1, M):
-                t_I, valid_I, b_qI, c_I, b_I = _sub_chunk(q, g, bos, i_c, I, b_I, Tn, i_h, ck, H, K, BT, SUB, ANTI)
-                b_A = _dot((b_qI * tl.exp(c_I - e_m[None, :])).to(dt), tl.trans(b_kr))
-                b_acc += _dot(tl.trans(b_A).to(dt), _tile(do + i_h * V, bos + t_I, valid_I, cv, V, H * V))
-            b_A = _diag_scores(q, k, g, bos, t, valid, Tn, i_h, H, K, SUB, KC, ANTI)
-            b_acc += _dot(tl.trans(b_A).to(dt), _tile(do + i_h * V, rows, valid, cv, V, H * V))
-            b_dv += scale * b_acc
-        _store(dv + i_h * V, b_dv, rows, valid, cv, V, H * V)
-        b_m = e_m
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    if HAS_Q:
+        b_A = _scores_tile(A, rows, valid, i_h, H, BT)
+        b_dv += scale * _dot(tl.trans(b_A).to(dt), _tile(do + i_h * V, rows, valid, cv, V, H * V))
+    for i_k in range(tl.cdiv(K, KB)):
+        ck = i_k * KB + tl.arange(0, KB)
+        b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+        b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI)
+        b_kd = b_k * tl.exp(tl.sum(b_g, 0)[None, :] - tl.cumsum(b_g, 0))
+        b_dv += _dot(b_kd.to(dt), _state_tile(dstates, i_t, i_h, ck, cv, H, K, V).to(dt))
+    _store(dv + i_h * V, b_dv, rows, valid, cv, V, H * V)
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
+def scores(q: Tensor, k: Tensor, g: Tensor, chunks, anticausal: bool, BT: int) -> Tensor:
+    """``_scores_kernel`` over every chunk: ``A [B, T, H, BT]`` (fp32)."""
+    B, T, H, K = k.shape
+    A = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
+    _scores_kernel[(chunks.count, H)](
+        q, k, g, A, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T,
+        H=H, K=K, BT=BT, KB=min(KB, _pow2(K)), SUB=SUB, KC=min(KC, _pow2(K)), ANTI=anticausal,
+        IS_VARLEN=chunks.cu_seqlens is not None, num_warps=SCORES_WARPS, num_stages=SCORES_STAGES,
+    )
+    return A
+
+
 def outputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor, states: Tensor, chunks, scale: float, anticausal: bool,
             BT: int) -> Tensor:
-    """``_output_kernel`` over every chunk: ``o [B, T, H, V]`` in v's dtype."""
+    """``o [B, T, H, V]`` in v's dtype: the scores, then ``_output_kernel`` over every chunk."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     BV = min(_pow2(V), OUT_BV)
+    A = scores(q, k, g, chunks, anticausal, BT)
     o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
     _output_kernel[(chunks.count * triton.cdiv(V, BV), H)](
-        q, k, v, g, states, o, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
-        H=H, K=K, V=V, BT=BT, BK=_pow2(K), BV=BV, SUB=SUB, KC=min(KC, _pow2(K)), ANTI=anticausal,
+        q, g, v, A, states, o, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
+        H=H, K=K, V=V, BT=BT, KB=min(KB, _pow2(K)), BV=BV, ANTI=anticausal,
         IS_VARLEN=chunks.cu_seqlens is not None, num_warps=OUT_WARPS, num_stages=OUT_STAGES,
     )
     return o
@@ -276,7 +335,7 @@ def outputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor, states: Tensor, chunks, 
 
 def backward(q, k, v, g, states, dstates, do, chunks, scale: float, anticausal: bool, BT: int):
     """dq (None without q), dk, dv and dg of every chunk from the states before and the state
-    gradients after each chunk; dg in g's dtype."""
+    gradients after each chunk (the scores computed again); dg in g's dtype."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     BKF, BVF = _pow2(K), _pow2(V)
@@ -285,14 +344,23 @@ def backward(q, k, v, g, states, dstates, do, chunks, scale: float, anticausal: 
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     # every row of a causal pass stores its gate's gradient; the anticausal pass never reads the first gate
     dg = torch.zeros_like(g) if anticausal or chunks.cu_seqlens is not None else torch.empty_like(g)
-    common = dict(H=H, K=K, V=V, BT=BT, SUB=SUB, HAS_Q=q is not None, ANTI=anticausal,
-                  IS_VARLEN=chunks.cu_seqlens is not None)
+    common = dict(H=H, K=K, V=V, BT=BT, HAS_Q=q is not None, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None)
+    dqd = dkd = None
+    if q is not None:
+        dqd, dkd = (torch.empty(B, T, H, K, dtype=torch.float32, device=k.device) for _ in range(2))
+        BKD = min(BKF, DIAG_BK)
+        _dqk_diag_kernel[(chunks.count * (BT // SUB) * triton.cdiv(K, BKD), H)](
+            q, k, v, g, do, dqd, dkd, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, H=H, K=K, V=V, BT=BT,
+            BK=BKD, BV=min(BVF, DIAG_BV), SUB=SUB, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None,
+            num_warps=DIAG_WARPS, num_stages=1,
+        )
     _dqk_kernel[(chunks.count * triton.cdiv(K, BK), H)](
-        q, k, v, g, states, dstates, do, dq, dk, dg, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
-        BK=BK, BVF=BVF, num_warps=DQK_WARPS, num_stages=DQK_STAGES, **common,
+        q, k, v, g, states, dstates, do, dqd, dkd, dq, dk, dg, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
+        BK=BK, BV=min(BVF, DQK_BV), SUB=SUB, num_warps=DQK_WARPS, num_stages=DQK_STAGES, **common,
     )
+    A = scores(q, k, g, chunks, anticausal, BT) if q is not None else None
     _dv_kernel[(chunks.count * triton.cdiv(V, BV), H)](
-        q, k, g, dstates, do, dv, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
-        BK=BKF, BV=BV, KC=min(KC, BKF), num_warps=DV_WARPS, num_stages=DV_STAGES, **common,
+        k, g, A, dstates, do, dv, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
+        KB=min(KB, BKF), BV=BV, num_warps=DV_WARPS, num_stages=DV_STAGES, **common,
     )
     return dq, dk, dv, dg
