@@ -1,7 +1,8 @@
 """Per-channel-gate GLA on the GPU: each kernel of the chunk-parallel form timed alone, under launch
 shapes set one configuration at a time, and fwd+bwd of the op (bf16, H=16, D=128, 65,536 tokens).
 
-    python benchmarks/bench_channel.py [--lengths 8192] [--sweep]
+    python benchmarks/bench_channel.py [--lengths 8192] [--kernels] [--config '{"DQK_BK": 64}']
+    python benchmarks/bench_channel.py --sweep [--lengths 8192] [--budget 150]
 
 Each configuration is a set of module constants of :mod:`seqmix.kernels.gla_channel` (applied,
 timed, restored). Times: the state passes, the forward's and the backward's launches of that module
@@ -11,6 +12,9 @@ together, then each of its kernels alone (the scores counted once, in the forwar
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import time
 
 import torch
@@ -21,19 +25,20 @@ from seqmix.kernels import gla_channel, gla_chunk
 from seqmix.ops.gla import gated_linear_attention
 
 H, D, TOKENS = 16, 128, 65536
-SWEEP = [
+SWEEP = [  # one process each (--config), so that a launch that fails does not end the sweep
     {},
     {"DQK_WARPS": 4},
     {"DQK_BK": 64},
-    {"DQK_BV": 128},
-    {"OUT_WARPS": 8, "DV_WARPS": 8, "SCORES_WARPS": 8},
+    {"DIAG_BK": 16},
+    {"DIAG_BK": 64, "DIAG_WARPS": 8},
     {"KB": 64},
-    {"KC": 16, "DIAG_BK": 16},
-    {"DIAG_BK": 64},
-    {"OUT_BV": 64, "DV_BV": 64},
-    {"SCORES_STAGES": 2, "OUT_STAGES": 2, "DV_STAGES": 2, "DQK_STAGES": 2},
+    {"OUT_WARPS": 8, "DV_WARPS": 8, "SCORES_WARPS": 8},
+    {"DA_STAGES": 1, "DIAG_A_STAGES": 1, "DA_BV": 128},
+    {"KC": 16},
+    {"DQK_BV": 128},
 ]
-KERNELS = ("_scores_kernel", "_output_kernel", "_dqk_diag_kernel", "_dqk_kernel", "_dv_kernel")
+KERNELS = ("_scores_kernel", "_diag_kernel", "_output_kernel", "_dA_kernel", "_dqk_diag_kernel", "_dqk_kernel",
+           "_dv_kernel")
 
 
 def inputs(T: int) -> dict[str, torch.Tensor]:
@@ -71,7 +76,8 @@ def kernels(x: dict, BT: int = 64) -> dict[str, float]:
             if other != name:
                 getattr(gla_channel, other).run = lambda *a, **kw: None
         try:
-            out[name.strip("_").removesuffix("_kernel")] = ms(fwd if name in ("_scores_kernel", "_output_kernel") else bwd)
+            forward = name in ("_scores_kernel", "_diag_kernel", "_output_kernel")
+            out[name.strip("_").removesuffix("_kernel")] = ms(fwd if forward else bwd)
         finally:
             for other, run in runs.items():
                 getattr(gla_channel, other).run = run
@@ -94,30 +100,37 @@ def total(x: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192])
-    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="every configuration of SWEEP, one process each")
+    parser.add_argument("--config", default="{}", help="module constants to set, as JSON")
+    parser.add_argument("--kernels", action="store_true", help="also each kernel alone")
     parser.add_argument("--budget", type=float, default=150.0, help="seconds after which the sweep stops")
     args = parser.parse_args()
-    start = time.perf_counter()
-    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}", flush=True)
-    for T in args.lengths:
-        x = inputs(T)
-        print(f"T={T}: fwd+bwd of the op {total(x):.3f} ms", flush=True)
-        for cfg in SWEEP if args.sweep else [{}]:
+    if args.sweep:
+        start = time.perf_counter()
+        for cfg in SWEEP:
             if time.perf_counter() - start > args.budget:
                 print("budget spent: sweep stopped", flush=True)
                 break
-            old = {n: getattr(gla_channel, n) for n in cfg}
-            for n, val in cfg.items():
-                setattr(gla_channel, n, val)
+            cmd = [sys.executable, __file__, "--config", json.dumps(cfg), "--kernels", "--lengths", *map(str, args.lengths)]
             try:
-                t = kernels(x)
-                line = "  ".join(f"{n} {v:6.3f}" for n, v in t.items())
-                print(f"  {cfg or 'default'}: {line}", flush=True)
-            except Exception as e:  # noqa: BLE001  (a configuration that does not compile or fit)
-                print(f"  {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
-            finally:
-                for n, val in old.items():
-                    setattr(gla_channel, n, val)
+                subprocess.run(cmd, timeout=max(10.0, args.budget + 30 - (time.perf_counter() - start)))
+            except subprocess.TimeoutExpired:
+                print(f"{cfg}: stopped by the budget", flush=True)
+        return
+    cfg = json.loads(args.config)
+    for n, val in cfg.items():
+        assert hasattr(gla_channel, n), n
+        setattr(gla_channel, n, val)
+    print(f"{cfg or 'default'} ({torch.cuda.get_device_name()}, torch {torch.__version__})", flush=True)
+    for T in args.lengths:
+        x = inputs(T)
+        try:
+            line = f"  T={T}: fwd+bwd of the op {total(x):.3f} ms"
+            if args.kernels:
+                line += "; " + "  ".join(f"{n} {v:.3f}" for n, v in kernels(x).items())
+        except Exception as e:  # noqa: BLE001  (a configuration that does not compile or fit)
+            line = f"  T={T}: FAILED {type(e).__name__}: {str(e)[:150]}"
+        print(line, flush=True)
         del x
 
 

@@ -52,7 +52,9 @@ SCORES_WARPS, SCORES_STAGES = 4, 1
 OUT_BV, OUT_WARPS, OUT_STAGES = 128, 4, 1  # columns per output program
 DQK_BK, DQK_WARPS, DQK_STAGES = 32, 8, 1  # channels per dq / dk / dg program
 DQK_BV = 64  # columns per step of their reads of v, do and the states
-DIAG_BK, DIAG_BV, DIAG_WARPS = 32, 128, 4  # channels per program, columns per step, of the diagonal blocks of dq / dk
+DIAG_BK, DIAG_WARPS = 32, 4  # channels per program of the diagonal blocks of dq / dk
+DIAG_A_WARPS, DIAG_A_STAGES = 4, 2  # programs of the diagonal blocks of A
+DA_BV, DA_WARPS, DA_STAGES = 64, 4, 2  # columns per step of dA = do v^T
 DV_BV, DV_WARPS, DV_STAGES = 128, 4, 1  # columns per dv program
 
 
@@ -102,13 +104,13 @@ def _boundary(c, I, SUB: tl.constexpr, BT: tl.constexpr):
 @triton.jit
 def _scores_kernel(
     q, k, g, A, chunk_first, chunk_seq, cu_seqlens, T,
-    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr, SUB: tl.constexpr, KC: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr, SUB: tl.constexpr,
     ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """``A [rows, H, BT]`` (fp32) of chunk ``i_t``, head ``i_h``: ``A [i, j]`` query ``i`` reading key
     ``j`` of the chunk. Between sub-chunks, one product per later sub-chunk ``I`` referenced at its
     start ``b``: ``(q * exp(c - b))`` over the rows of ``I`` times ``(k * exp(b - c))`` over the rows
-    before it (channels ``KB`` at a time); the diagonal blocks from :func:`_diag_scores`, stored apart."""
+    before it (channels ``KB`` at a time); not the diagonal blocks (:func:`_diag_kernel`)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
@@ -127,13 +129,25 @@ def _scores_kernel(
             b_qI = (b_q * tl.exp(tl.where(in_I, b_c - b_I[None, :], float("-inf")))).to(dt)
             b_kI = (b_k * tl.exp(tl.where(before_I, b_I[None, :] - b_c, float("-inf")))).to(dt)
             b_A += _dot(b_qI, tl.trans(b_kI))
-    off = (r // SUB)[:, None] != (r // SUB)[None, :]
+    off = (r // SUB)[:, None] != (r // SUB)[None, :]  # the diagonal blocks: _diag_kernel
     tl.store(A + (rows * H + i_h)[:, None] * BT + r[None, :], b_A, mask=valid[:, None] & off)
-    for m in tl.static_range(BT // SUB):
-        t_m, valid_m = _rows_at(i_c * BT + m * SUB, Tn, SUB, ANTI)
-        b_Am = _diag_scores(q, k, g, bos, t_m, valid_m, Tn, i_h, H, K, SUB, KC, ANTI)
-        cols = m * SUB + tl.arange(0, SUB)
-        tl.store(A + ((bos + t_m) * H + i_h)[:, None] * BT + cols[None, :], b_Am, mask=valid_m[:, None])
+
+
+@triton.jit
+def _diag_kernel(
+    q, k, g, A, chunk_first, chunk_seq, cu_seqlens, T,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr, KC: tl.constexpr,
+    ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """The diagonal block of sub-chunk ``m`` of chunk ``i_t``, head ``i_h`` in ``A`` (:func:`_diag_scores`)."""
+    M: tl.constexpr = BT // SUB
+    i_t, m, i_h = tl.program_id(0) // M, tl.program_id(0) % M, tl.program_id(1)
+    i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
+    bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
+    t, valid = _rows_at(i_c * BT + m * SUB, Tn, SUB, ANTI)
+    b_A = _diag_scores(q, k, g, bos, t, valid, Tn, i_h, H, K, SUB, KC, ANTI)
+    cols = m * SUB + tl.arange(0, SUB)
+    tl.store(A + ((bos + t) * H + i_h)[:, None] * BT + cols[None, :], b_A, mask=valid[:, None])
 
 
 @triton.jit
@@ -176,13 +190,32 @@ def _output_kernel(
 
 
 @triton.jit
+def _dA_kernel(
+    v, do, dA, chunk_first, chunk_seq, cu_seqlens, T,
+    H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """``dA = do v^T [BT, BT]`` (fp32, unmasked) of chunk ``i_t``, head ``i_h``, stored as ``A``."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
+    bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
+    t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
+    rows = bos + t
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        cv = i_v * BV + tl.arange(0, BV)
+        b_dA += _dot(_tile(do + i_h * V, rows, valid, cv, V, H * V), tl.trans(_tile(v + i_h * V, rows, valid, cv, V, H * V)))
+    r = tl.arange(0, BT)
+    tl.store(dA + (rows * H + i_h)[:, None] * BT + r[None, :], b_dA, mask=valid[:, None])
+
+
+@triton.jit
 def _dqk_diag_kernel(
-    q, k, v, g, do, dqd, dkd, chunk_first, chunk_seq, cu_seqlens, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    q, k, g, dA, dqd, dkd, chunk_first, chunk_seq, cu_seqlens, T,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     SUB: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """The diagonal sub-chunk blocks' part of dq and dk / scale (fp32) for sub-chunk ``m`` of chunk
-    ``i_t``, head ``i_h``, channels ``i_k``: ``dA = do v^T`` inside the sub-chunk (masked),
+    ``i_t``, head ``i_h``, channels ``i_k``: ``dA = do v^T`` inside the sub-chunk (from :func:`_dA_kernel`, masked),
     ``dqd_ik = sum_j dA_ij k_jk E_ijk`` and ``dkd_jk = sum_i dA_ij q_ik E_ijk`` (:func:`_decay3`)."""
     M: tl.constexpr = BT // SUB
     NK: tl.constexpr = (K + BK - 1) // BK
@@ -193,10 +226,8 @@ def _dqk_diag_kernel(
     ck = i_k * BK + tl.arange(0, BK)
     t, valid = _rows_at(i_c * BT + m * SUB, Tn, SUB, ANTI)
     rows = bos + t
-    b_dA = tl.zeros([SUB, SUB], dtype=tl.float32)
-    for i_v in range(tl.cdiv(V, BV)):
-        cv = i_v * BV + tl.arange(0, BV)
-        b_dA += _dot(_tile(do + i_h * V, rows, valid, cv, V, H * V), tl.trans(_tile(v + i_h * V, rows, valid, cv, V, H * V)))
+    cols = m * SUB + tl.arange(0, SUB)
+    b_dA = tl.load(dA + (rows * H + i_h)[:, None] * BT + cols[None, :], mask=valid[:, None], other=0.0)
     b_dA = tl.where(_keep(SUB, ANTI), b_dA, 0.0)
     b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
     b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
@@ -207,7 +238,7 @@ def _dqk_diag_kernel(
 
 @triton.jit
 def _dqk_kernel(
-    q, k, v, g, states, dstates, do, dqd, dkd, dq, dk, dg, chunk_first, chunk_seq, cu_seqlens, scale, T,
+    q, k, v, g, states, dstates, do, dA, dqd, dkd, dq, dk, dg, chunk_first, chunk_seq, cu_seqlens, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     SUB: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
@@ -216,7 +247,7 @@ def _dqk_kernel(
         dq = scale * [(do S^T) * exp(c) + (dA * D) k],  dk = (v dS'^T) * exp(c_L - c) + scale * (dA * D)^T q
         dg = suffix sum of (q * dq - k * dk) + <dS', S'>
 
-    with ``dA = do v^T``, ``D_ijk = exp(c_ik - c_jk) [j <= i]``, ``S`` / ``dS'`` the state before / the
+    with ``dA = do v^T`` (:func:`_dA_kernel`), ``D_ijk = exp(c_ik - c_jk) [j <= i]``, ``S`` / ``dS'`` the state before / the
     gradient of the state after the chunk. The diagonal sub-chunk blocks of ``D`` come from
     :func:`_dqk_diag_kernel` (``dqd``, ``dkd``); the rest, one product pair per later sub-chunk."""
     NK = (K + BK - 1) // BK
@@ -231,11 +262,10 @@ def _dqk_kernel(
     b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI)
     b_c = tl.cumsum(b_g, 0)
     b_cl = tl.sum(b_g, 0)
-    # state parts over columns BV at a time: dk_s = v dS'^T, dq_s = do S^T, <S, dS'> per row, dA = do v^T
+    # state parts over columns BV at a time: dk_s = v dS'^T, dq_s = do S^T, <S, dS'> per row
     b_dks = tl.zeros([BT, BK], dtype=tl.float32)
     b_dqs = tl.zeros([BT, BK], dtype=tl.float32)
     b_SdS = tl.zeros([BK], dtype=tl.float32)
-    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         cv = i_v * BV + tl.arange(0, BV)
         b_v = _tile(v + i_h * V, rows, valid, cv, V, H * V)
@@ -246,7 +276,6 @@ def _dqk_kernel(
         if HAS_Q:
             b_do = _tile(do + i_h * V, rows, valid, cv, V, H * V)
             b_dqs += _dot_split(b_do, tl.trans(b_S), False)
-            b_dA += _dot(b_do, tl.trans(b_v))
     b_dks *= tl.exp(b_cl[None, :] - b_c)
     # <dS', S'> with S' = diag(exp(c_L)) S + (k * exp(c_L - c))^T v: exp(c_L) <S, dS'> + sum_j k_j * dk_j
     # (the state part of dk), carried into the gate's gradient of every row of the chunk
@@ -255,7 +284,7 @@ def _dqk_kernel(
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     if HAS_Q:
         b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
-        b_dA = b_dA.to(dt)
+        b_dA = _scores_tile(dA, rows, valid, i_h, H, BT).to(dt)  # do v^T
         b_dq = _tile(dqd + i_h * K, rows, valid, ck, K, H * K)  # dq and dk / scale from the diagonal blocks
         b_dk = _tile(dkd + i_h * K, rows, valid, ck, K, H * K)
         for I in tl.static_range(1, BT // SUB):
@@ -309,10 +338,16 @@ def scores(q: Tensor, k: Tensor, g: Tensor, chunks, anticausal: bool, BT: int) -
     """``_scores_kernel`` over every chunk: ``A [B, T, H, BT]`` (fp32)."""
     B, T, H, K = k.shape
     A = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
+    varlen = chunks.cu_seqlens is not None
     _scores_kernel[(chunks.count, H)](
         q, k, g, A, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T,
-        H=H, K=K, BT=BT, KB=min(KB, _pow2(K)), SUB=SUB, KC=min(KC, _pow2(K)), ANTI=anticausal,
-        IS_VARLEN=chunks.cu_seqlens is not None, num_warps=SCORES_WARPS, num_stages=SCORES_STAGES,
+        H=H, K=K, BT=BT, KB=min(KB, _pow2(K)), SUB=SUB, ANTI=anticausal,
+        IS_VARLEN=varlen, num_warps=SCORES_WARPS, num_stages=SCORES_STAGES,
+    )
+    _diag_kernel[(chunks.count * (BT // SUB), H)](
+        q, k, g, A, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T,
+        H=H, K=K, BT=BT, SUB=SUB, KC=min(KC, _pow2(K)), ANTI=anticausal,
+        IS_VARLEN=varlen, num_warps=DIAG_A_WARPS, num_stages=DIAG_A_STAGES,
     )
     return A
 
@@ -345,17 +380,22 @@ def backward(q, k, v, g, states, dstates, do, chunks, scale: float, anticausal: 
     # every row of a causal pass stores its gate's gradient; the anticausal pass never reads the first gate
     dg = torch.zeros_like(g) if anticausal or chunks.cu_seqlens is not None else torch.empty_like(g)
     common = dict(H=H, K=K, V=V, BT=BT, HAS_Q=q is not None, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None)
-    dqd = dkd = None
+    dA = dqd = dkd = None
     if q is not None:
+        dA = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
+        _dA_kernel[(chunks.count, H)](
+            v, do, dA, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, H=H, V=V, BT=BT, BV=min(BVF, DA_BV),
+            ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None, num_warps=DA_WARPS, num_stages=DA_STAGES,
+        )
         dqd, dkd = (torch.empty(B, T, H, K, dtype=torch.float32, device=k.device) for _ in range(2))
         BKD = min(BKF, DIAG_BK)
         _dqk_diag_kernel[(chunks.count * (BT // SUB) * triton.cdiv(K, BKD), H)](
-            q, k, v, g, do, dqd, dkd, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, H=H, K=K, V=V, BT=BT,
-            BK=BKD, BV=min(BVF, DIAG_BV), SUB=SUB, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None,
+            q, k, g, dA, dqd, dkd, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, H=H, K=K, BT=BT,
+            BK=BKD, SUB=SUB, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None,
             num_warps=DIAG_WARPS, num_stages=1,
         )
     _dqk_kernel[(chunks.count * triton.cdiv(K, BK), H)](
-        q, k, v, g, states, dstates, do, dqd, dkd, dq, dk, dg, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
+        q, k, v, g, states, dstates, do, dA, dqd, dkd, dq, dk, dg, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
         BK=BK, BV=min(BVF, DQK_BV), SUB=SUB, num_warps=DQK_WARPS, num_stages=DQK_STAGES, **common,
     )
     A = scores(q, k, g, chunks, anticausal, BT) if q is not None else None
