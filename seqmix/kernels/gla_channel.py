@@ -1,25 +1,25 @@
 """Chunk-parallel kernels of :mod:`seqmix.kernels.gla_chunk` for a per-channel log gate ``g [B, T, H, K]``.
 
 The state passes (``_states_kernel``, forward and reverse) are shared with the per-head gate; this
-module holds what reads them: the outputs, and the backward's dq / dk / dg and dv programs.
+module holds what reads them. Forward: ``_scores_kernel`` and ``_diag_kernel`` write the chunk's
+scores ``A [rows, H, BT]`` (fp32, kept for the backward with the states), ``_output_kernel`` reads
+them. Backward: ``_dA_kernel`` writes ``dA = do v^T`` per chunk, ``_dqk_diag_kernel`` the diagonal
+blocks' share of dq and dk (fp32), ``_dqk_kernel`` the rest of dq, dk and dg, ``_dv_kernel`` dv.
 
-A chunk of ``BT`` rows is cut into sub-chunks of ``SUB = 16``. With ``c`` the gate's cumsum from the
-chunk start, the scores between sub-chunks ``J < I`` are tensor-core products of gated rows
-referenced at a sub-chunk boundary ``b`` (the cumsum at the end of the earlier sub-chunk or the start
-of the later one), so that every exponent is ``<= 0``::
+A chunk of ``BT`` rows is cut into sub-chunks of ``SUB = 16``; ``c`` is the gate's cumsum from the
+chunk start. Between sub-chunks ``J < I`` the decay is split at the start ``b`` of ``I`` (every
+exponent ``<= 0``), and the whole chunk takes one tensor-core product per later sub-chunk ``I``, its
+rows and the rows before it selected by masks::
 
-    A_IJ = (q_I * exp(c_I - b)) (k_J * exp(b - c_J))^T
+    A += (q * exp(c - b_I) [rows of I]) (k * exp(b_I - c) [rows before I])^T
 
 Inside a sub-chunk (the diagonal ``16 x 16`` blocks) the decay differs per channel and cannot be
 split that way without exponents > 0, so the blocks are built exactly from the three-dimensional
-decay ``E [i, j, k] = exp(c_ik - c_jk) [i sees j]`` (every exponent <= 0, zero where masked), in
-registers::
+decay ``E [i, j, k] = exp(c_ik - c_jk) [i sees j]`` (every exponent <= 0, zero where masked)::
 
     A_ij = sum_k q_ik k_jk E_ijk,   dq_ik = sum_j dA_ij k_jk E_ijk,   dk_jk = sum_i dA_ij q_ik E_ijk
 
-The outputs and dv need ``A`` summed over every channel: there ``E`` is built ``KC`` channels at a
-time from rows read back from memory (the cumsum from the sub-chunk start: only differences count).
-dq, dk and dg take ``BK`` channels per program and keep their ``E`` for both.
+``A`` sums every channel, ``KC`` at a time; dq and dk take ``DIAG_BK`` channels per program.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from seqmix.kernels import gla_chunk
 from seqmix.kernels.gla_chunk import (
     _chunk_of,
     _chunk_rows,
@@ -47,10 +48,10 @@ from seqmix.kernels.gla_chunk import (
 
 SUB = 16  # rows of a sub-chunk
 KC = 32  # channels per step of the diagonal scores of the outputs and dv
-KB = 32  # channels per step of the scores between sub-chunks and of the state reads of the outputs and dv
+KB = 64  # channels per step of the scores between sub-chunks and of the state reads of the outputs and dv
 SCORES_WARPS, SCORES_STAGES = 4, 1
 OUT_BV, OUT_WARPS, OUT_STAGES = 128, 4, 1  # columns per output program
-DQK_BK, DQK_WARPS, DQK_STAGES = 32, 8, 1  # channels per dq / dk / dg program
+DQK_BK, DQK_WARPS, DQK_STAGES = 64, 8, 1  # channels per dq / dk / dg program (4 warps: illegal address on the H100, Triton 3.6)
 DQK_BV = 64  # columns per step of their reads of v, do and the states
 DIAG_BK, DIAG_WARPS = 32, 4  # channels per program of the diagonal blocks of dq / dk
 DIAG_A_WARPS, DIAG_A_STAGES = 4, 2  # programs of the diagonal blocks of A
@@ -359,6 +360,8 @@ def outputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor, states: Tensor, chunks, 
     V = v.shape[-1]
     BV = min(_pow2(V), OUT_BV)
     A = scores(q, k, g, chunks, anticausal, BT)
+    if gla_chunk.SAVE_STATES:  # kept with the chunks (ctx.chunks) for the backward, as the states are
+        chunks.scores = A
     o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
     _output_kernel[(chunks.count * triton.cdiv(V, BV), H)](
         q, g, v, A, states, o, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
@@ -370,7 +373,7 @@ def outputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor, states: Tensor, chunks, 
 
 def backward(q, k, v, g, states, dstates, do, chunks, scale: float, anticausal: bool, BT: int):
     """dq (None without q), dk, dv and dg of every chunk from the states before and the state
-    gradients after each chunk (the scores computed again); dg in g's dtype."""
+    gradients after each chunk (the forward's scores, else computed again); dg in g's dtype."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     BKF, BVF = _pow2(K), _pow2(V)
@@ -398,7 +401,9 @@ def backward(q, k, v, g, states, dstates, do, chunks, scale: float, anticausal: 
         q, k, v, g, states, dstates, do, dA, dqd, dkd, dq, dk, dg, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
         BK=BK, BV=min(BVF, DQK_BV), SUB=SUB, num_warps=DQK_WARPS, num_stages=DQK_STAGES, **common,
     )
-    A = scores(q, k, g, chunks, anticausal, BT) if q is not None else None
+    A = getattr(chunks, "scores", None)
+    if A is None and q is not None:
+        A = scores(q, k, g, chunks, anticausal, BT)
     _dv_kernel[(chunks.count * triton.cdiv(V, BV), H)](
         k, g, A, dstates, do, dv, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
         KB=min(KB, BKF), BV=BV, num_warps=DV_WARPS, num_stages=DV_STAGES, **common,
