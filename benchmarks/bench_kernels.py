@@ -7,6 +7,7 @@ and the efficiency length (the shortest T at which the per-head-gate kernel beat
     python benchmarks/bench_kernels.py [--lengths 2048 8192 32768] [--sweep] [--decoding] [--efficiency] [--delta]
                                        [--rows "head gate" ...]   # rows whose names contain these, and their peers
     python benchmarks/bench_kernels.py --breakdown [--delta] [--lengths 8192]   # GPU time per kernel
+    python benchmarks/bench_kernels.py --rows "head gate" --sweep --sweep-only SEGMENT_MIN   # some rows, some constants
 """
 
 from __future__ import annotations
@@ -59,18 +60,21 @@ def timed(fn: Callable, x: dict, backward: bool) -> float:
     return do_bench(step, warmup=25, rep=150, return_mode="median")
 
 
-def ours(causal: bool, chunk_size: int = 64, walks: bool | None = None) -> Callable:
-    """The op on the triton backend; ``walks`` forces the walks (True) or the chunk-parallel form
-    (False) in place of the choice by sequences x heads (None)."""
+def ours(causal: bool, chunk_size: int = 64, walks: bool | None = None, segments: bool = False) -> Callable:
+    """The op on the triton backend; ``walks`` forces the walks over whole sequences (True) or the
+    chunk-parallel form (False) in place of the choice by sequences x heads (None); ``segments``
+    forces the walks per segment (as long as sequences are longer than ``SEGMENT_MIN``)."""
     def fn(x):
-        target = gla_chunk.TARGET_PROGRAMS
+        target, below = gla_chunk.TARGET_PROGRAMS, gla_chunk.SEGMENT_BELOW
         if walks is not None:
-            gla_chunk.TARGET_PROGRAMS = 0 if walks else 2**31
+            gla_chunk.TARGET_PROGRAMS, gla_chunk.SEGMENT_BELOW = (0 if walks else 2**31), 0
+        if segments:
+            gla_chunk.SEGMENT_BELOW = 2**31
         try:
             return gated_linear_attention(x["q"], x["k"], x["v"], x["g"], causal=causal, backend="triton",
                                           chunk_size=chunk_size)[0]
         finally:
-            gla_chunk.TARGET_PROGRAMS = target
+            gla_chunk.TARGET_PROGRAMS, gla_chunk.SEGMENT_BELOW = target, below
     return fn
 
 
@@ -105,6 +109,7 @@ def rows(fla: dict[str, Callable]) -> list[tuple[str, Callable, Callable[[int], 
         ("head gate, causal", ours(True), "head", "fla chunk_simple_gla"),
         ("head gate, causal, walks", ours(True, walks=True), "head", "fla chunk_simple_gla"),
         ("head gate, causal, chunk-par.", ours(True, walks=False), "head", "fla chunk_simple_gla"),
+        ("head gate, causal, segments", ours(True, segments=True), "head", "fla chunk_simple_gla"),
         ("channel gate, causal", ours(True), "channel", "fla chunk_gla"),
         ("no gate, noncausal self", ours(False), "none", None),
         ("linear attn., noncausal (elu)", linear, "none", None),
@@ -184,18 +189,20 @@ SWEEP = {  # module constant of gla_chunk -> (values tried by --sweep, one at a 
     "STATE_STAGES": ((1, 3), 32768), "OUT_BV": ((32, 128), 32768), "PAR_BK": ((32,), 32768),
     "PAR_BV": ((32,), 32768), "PAR_WARPS": ((4,), 32768), "PAR_STAGES": ((1, 3), 32768),
     "SAVE_STATES": ((False,), 32768),
+    # the walks per segment (32768: 32 sequences x heads, segmented by default)
+    "SEGMENT_PROGRAMS": ((256, 1024), 32768), "SEGMENT_MIN": ((1024, 4096), 32768), "GATE_GRAD_BT": ((64,), 32768),
 }
 
 
-def sweep() -> None:
-    """Times the head-gate kernel: the defaults, each constant of SWEEP varied alone at its length,
-    and chunk size 128 with 4 and 8 warps."""
+def sweep(only: list[str] | None = None) -> None:
+    """Times the head-gate kernel: the defaults, each constant of SWEEP (or of ``only``) varied alone
+    at its length, and (without ``only``) chunk size 128 with 4 and 8 warps."""
     print(f"{'variant':<24} {'T':>6} {'fwd':>7} {'fwd+bwd':>8}")
-    for T in sorted({T for _, T in SWEEP.values()}):
+    for T in sorted({T for name, (_, T) in SWEEP.items() if only is None or name in only}):
         x = inputs(T, "head")
         print(f"{'defaults':<24} {T:>6} {timed(ours(True), x, False):7.3f} {timed(ours(True), x, True):8.3f}", flush=True)
         for name, (values, at) in SWEEP.items():
-            if at != T:
+            if at != T or (only is not None and name not in only):
                 continue
             default = getattr(gla_chunk, name)
             for value in values:
@@ -203,6 +210,9 @@ def sweep() -> None:
                 print(f"{name + ' ' + str(value):<24} {T:>6} {timed(ours(True), x, False):7.3f} "
                       f"{timed(ours(True), x, True):8.3f}", flush=True)
             setattr(gla_chunk, name, default)
+        if only is not None:
+            del x
+            continue
         warps = gla_chunk.FWD_WARPS, gla_chunk.BWD_WARPS, gla_chunk.PAR_WARPS
         for w in (4, 8):
             gla_chunk.FWD_WARPS = gla_chunk.BWD_WARPS = gla_chunk.PAR_WARPS = w
@@ -291,6 +301,7 @@ def main() -> None:
     parser.add_argument("--delta", action="store_true", help="time the delta rule beside fla instead of GLA")
     parser.add_argument("--breakdown", action="store_true", help="GPU time per kernel of each row instead of the table")
     parser.add_argument("--rows", nargs="+", help="only the rows whose names contain one of these (and their peers)")
+    parser.add_argument("--sweep-only", nargs="+", default=None, help="--sweep: only these constants")
     args = parser.parse_args()
     if args.profile_step:
         return profile_step()
@@ -308,7 +319,7 @@ def main() -> None:
     if args.delta:
         return table(args.lengths, chosen)
     if args.sweep:
-        sweep()
+        sweep(args.sweep_only)
     table(args.lengths, chosen)
     if args.decoding:
         decoding()

@@ -5,9 +5,11 @@ filled with NaN before the Triton run, so that an output element the kernels nev
 NaN; outputs, final state and the gradient of every input under a random cotangent are compared to
 the chunked backend run on the same inputs upcast to float64. Bounds: bf16 rel err <= 1e-2, fp32
 <= 5e-3. Prints one row per check and exits 1 if any fails. GLA at these shapes (batch x heads below
-``gla_chunk.TARGET_PROGRAMS``) runs the chunk-parallel form; the "walks" families force the walks.
+``gla_chunk.TARGET_PROGRAMS``) runs the chunk-parallel form; the "walks" families force the walks,
+the "segments" families the causal walks per segment (of 256 tokens and more).
 
     python benchmarks/check_kernels.py [--part quick|long|all] [--smoke] [--only delta]
+    python benchmarks/check_kernels.py --part quick --only "gla, head, seg|gla, packed, seg"   # prefixes
 """
 
 from __future__ import annotations
@@ -78,6 +80,18 @@ def _walks(call):
     return walks
 
 
+def _segments(call):
+    """``call`` with the causal walks cut into segments of at least 256 tokens, whatever the shape."""
+    def segments(x, pattern, backend):
+        saved = gla_chunk.SEGMENT_BELOW, gla_chunk.SEGMENT_MIN
+        gla_chunk.SEGMENT_BELOW, gla_chunk.SEGMENT_MIN = 2**31, 256
+        try:
+            return call(x, pattern, backend)
+        finally:
+            gla_chunk.SEGMENT_BELOW, gla_chunk.SEGMENT_MIN = saved
+    return segments
+
+
 def _packed(make):
     """The family's inputs for B sequences of lengths near T, packed into a batch of one."""
     def packed(B, T, S, H, K, V, gen):
@@ -120,6 +134,9 @@ FAMILIES = [
     Family("gla, none, walks", _gla_inputs("none"), _walks(_gla_call)),
     Family("gla, head, walks", _gla_inputs("head"), _walks(_gla_call)),
     Family("gla, packed, walks", _packed(_gla_inputs("head")), _walks(_gla_call), (Pattern.CAUSAL_SELF,), packed=True),
+    Family("gla, none, segments", _gla_inputs("none"), _segments(_gla_call)),
+    Family("gla, head, segments", _gla_inputs("head"), _segments(_gla_call)),
+    Family("gla, packed, segments", _packed(_gla_inputs("head")), _segments(_gla_call), (Pattern.CAUSAL_SELF,), packed=True),
 ] + DELTA_FAMILIES
 
 
@@ -181,7 +198,7 @@ def main() -> int:
     parser.add_argument("--part", choices=("quick", "long", "all"), default="all",
                         help="quick: the first shape in every pattern, and the steps; long: the longer shapes, causal")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
-    parser.add_argument("--only", default="", help="only the families and steps whose name starts with this, e.g. delta")
+    parser.add_argument("--only", default="", help="only the families and steps whose name starts with this (prefixes separated by |), e.g. delta")
     args = parser.parse_args()
     dtypes = (torch.bfloat16, torch.float32)
     shapes = [(2, 1000, 16, 128), (3, 4097, 16, 64), (2, 8191, 16, 128)]
@@ -198,7 +215,7 @@ def main() -> int:
     header = f"{'family':<18} {'pat':>3} {'dtype':>8} {'B':>2} {'T':>5} {'H':>3} {'D':>4}  {'worst':>9} {'of':<15} {'ok':>4}"
     print(header)
     failed, seed = 0, 0
-    for family in [f for f in FAMILIES if f.name.startswith(args.only)]:
+    for family in [f for f in FAMILIES if f.name.startswith(tuple(args.only.split("|")))]:
         for shape_index, (B, T, H, D) in list(enumerate(shapes))[first:last]:
             patterns = family.patterns if shape_index == 0 else (Pattern.CAUSAL_SELF,)
             for pattern in patterns:
@@ -215,7 +232,7 @@ def main() -> int:
                           flush=True)
     if first == 0:
         for op, gate in [("gla_step", "none"), ("gla_step", "head"), ("gla_step", "channel"), ("delta_step", "none"), ("delta_step", "head")]:
-            if not op.startswith(args.only):
+            if not op.startswith(tuple(args.only.split("|"))):
                 continue
             for dtype in dtypes:
                 seed += 1

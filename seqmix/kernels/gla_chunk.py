@@ -66,6 +66,15 @@ BWD_WARPS, BWD_STAGES = 4, 2
 # 3.65 / 4.23 / 7.35 ms at T = 2K / 8K / 32K (64 / 16 / 2 sequences), chunk-parallel 8.02 / 7.99 /
 # 9.41 ms. The walks' time grows with T / (sequences x heads); the chunk-parallel form's does not.
 TARGET_PROGRAMS = 32
+# causal walks (gate per head or none) with sequences x heads below SEGMENT_BELOW cut each sequence
+# into segments of at least SEGMENT_MIN tokens, aiming at SEGMENT_PROGRAMS segments x heads: the
+# state at every segment's start (and the state gradient at its end) comes from one pass over the
+# segments in parallel (_states_kernel, no per-chunk states) and a chain over the segments
+# (_chain_kernel); then the walks run per segment. Replaces the chunk-parallel form there.
+SEGMENT_BELOW = 128
+SEGMENT_PROGRAMS = 512
+SEGMENT_MIN = 2048
+GATE_GRAD_BT = 512  # rows per step of the gate gradient's suffix sum
 # chunk-parallel kernels: 8 warps, as with 4 every one of them spills (sm_90, bf16, D = 128)
 # (state rows = columns, warps) per program of the inter-chunk passes: the largest tile of
 # STATE_TILES that still gives STATE_MIN_PROGRAMS programs (these passes are sequential over the
@@ -230,9 +239,12 @@ def _fwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, HAS_Q: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
-    ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
+    ANTI: tl.constexpr, IS_VARLEN: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """``o`` for state columns ``i_v`` of one sequence and head, walking its chunks; its final state."""
+    """``o`` for state columns ``i_v`` of one sequence and head, walking its chunks; its final state.
+    ``SPLIT``: the state update keeps about 16 bits of ``k * exp(c_L - c)`` (hi/lo parts), for a
+    final state that the gate's gradient reads (``<dS_T, S_T>``); else one product in the inputs'
+    dtype (the outputs read the state in that dtype anyway)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
@@ -259,7 +271,10 @@ def _fwd_kernel(
             b_o = _dot(_rows_times(b_q, tl.exp(b_c), GATE).to(dt), b_S.to(dt)) + _dot(b_A.to(dt), b_v)
             _store(o + i_h * V, scale * b_o, rows, valid, cv, V, H * V)
         b_kd = _rows_times(b_k, tl.exp(_to_end(b_c, b_cl, GATE)), GATE)
-        b_S = _decayed(b_S, b_cl, GATE) + _dot_split(tl.trans(b_kd), b_v, True)
+        if SPLIT:
+            b_S = _decayed(b_S, b_cl, GATE) + _dot_split(tl.trans(b_kd), b_v, True)
+        else:
+            b_S = _decayed(b_S, b_cl, GATE) + _dot(tl.trans(b_kd.to(dt)), b_v)
     if STORE_HT:
         tl.store(ht + state_offs, b_S, mask=state_mask)
 
@@ -441,6 +456,45 @@ def _gate_grad_kernel(
             y = carry + _suffix(x)
         carry += tl.sum(x, 0)
         tl.store(dg + rows * H + i_h, y, mask=valid)
+
+
+@triton.jit
+def _chain_kernel(
+    local, gs, s0, start, final, seg_first,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE: tl.constexpr, HAS_LOCAL: tl.constexpr, HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr,
+    REVERSE: tl.constexpr,
+):
+    """Chains the segments of sequence ``i_n`` (rows ``i_k``, columns ``i_v`` of the state): ``S = s0[n]``
+    (or 0); over its segments (last first if ``REVERSE``) ``start[seg] = S``, then ``S <- exp(gs[seg]) S
+    + local[seg]`` (``gs [segments, H]`` the segment's gate sum); ``final[n] = S``."""
+    NK = (K + BK - 1) // BK
+    NV = (V + BV - 1) // BV
+    pid = tl.program_id(0)
+    i_nh, i_k, i_v = pid // (NK * NV), pid // NV % NK, pid % NV
+    i_n, i_h = i_nh // H, i_nh % H
+    ck = i_k * BK + tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    mask = (ck < K)[:, None] & (cv < V)[None, :]
+    offs = i_h * K * V + ck[:, None] * V + cv[None, :]
+    b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_S0:
+        b_S += tl.load(s0 + i_n.to(tl.int64) * H * K * V + offs, mask=mask, other=0.0).to(tl.float32)
+    first = tl.load(seg_first + i_n)
+    count = tl.load(seg_first + i_n + 1) - first
+    for i in range(count):
+        if REVERSE:
+            seg = first + count - 1 - i
+        else:
+            seg = first + i
+        p = seg.to(tl.int64) * H * K * V + offs
+        tl.store(start + p, b_S, mask=mask)
+        if GATE != 0:
+            b_S = b_S * tl.exp(tl.load(gs + seg.to(tl.int64) * H + i_h))
+        if HAS_LOCAL:
+            b_S += tl.load(local + p, mask=mask, other=0.0)
+    if STORE_FINAL:
+        tl.store(final + i_n.to(tl.int64) * H * K * V + offs, b_S, mask=mask)
 
 
 # ----------------------------------------------------------------------------- chunk-parallel form
@@ -784,20 +838,20 @@ def _walk_forward(q, k, v, g, h0, chunks: _Chunks, scale: float, anticausal: boo
         q, k, v, g, h0, o, ht, chunks.cu_seqlens, scale, chunks.T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=_gate_kind(g), HAS_Q=q is not None, HAS_H0=h0 is not None,
         STORE_HT=output_final_state, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None,
-        num_warps=FWD_WARPS, num_stages=FWD_STAGES,
+        SPLIT=output_final_state, num_warps=FWD_WARPS, num_stages=FWD_STAGES,
     )
     return o, ht
 
 
-def _walk_backward(q, k, v, g, h0, ht, do, dht, chunks: _Chunks, scale: float, anticausal: bool, BT: int):
-    """dq, dk, dv, dg, dh0 from the chunk walks: dq forward, dk and dv backward, in one launch;
-    then the gate's gradient as a suffix sum over each sequence."""
+def _walk_grads(q, k, v, g, h0, do, dht, chunks: _Chunks, scale: float, anticausal: bool, BT: int, store_dh0: bool):
+    """``_bwd_kernel``: dq, dk, dv, the slots of ``dL/dG`` per row (``dG [slots, rows, H]`` or None),
+    and dh0 (float32, if ``store_dh0``); dq walks forward, dk and dv backward, in one launch."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     gate = _gate_kind(g)
     has_q = q is not None
     rows = B * T
-    dh0 = torch.empty(chunks.N, H, K, V, dtype=torch.float32, device=k.device) if h0 is not None else None
+    dh0 = torch.empty(chunks.N, H, K, V, dtype=torch.float32, device=k.device) if store_dh0 else None
     BKF, BVF = _pow2(K), _pow2(V)
     BKS, BVS = min(BKF, BWD_BK), min(BVF, BWD_BV)
     NK, NV = triton.cdiv(K, BKS), triton.cdiv(V, BVS)
@@ -809,18 +863,99 @@ def _walk_backward(q, k, v, g, h0, ht, do, dht, chunks: _Chunks, scale: float, a
     _bwd_kernel[((2 * NK if has_q else NK) + NV, chunks.N * H)](
         q, k, v, g, h0, do, dht, dq, dk, dv, dh0, dG, cu, scale, chunks.T, rows * H,
         H=H, K=K, V=V, BT=BT, BKF=BKF, BVF=BVF, BKS=BKS, BVS=BVS, NK=NK, GATE=gate, HAS_Q=has_q,
-        HAS_H0=h0 is not None, HAS_DHT=dht is not None, STORE_DH0=h0 is not None, ANTI=anticausal,
+        HAS_H0=h0 is not None, HAS_DHT=dht is not None, STORE_DH0=store_dh0, ANTI=anticausal,
         IS_VARLEN=cu is not None, num_warps=BWD_WARPS, num_stages=BWD_STAGES,
     )
-    dg = None
-    if gate:
-        dg = torch.empty_like(g)
-        dlast = (dht * ht).sum((-2, -1)) if dht is not None else None
-        _gate_grad_kernel[(chunks.N * H,)](
-            dG, dlast, dg, cu, chunks.T, rows * H, NP=slots, H=H, BT=64, HAS_LAST=dlast is not None, ANTI=anticausal,
-            IS_VARLEN=cu is not None,
-        )
+    return dq, dk, dv, dG, dh0
+
+
+def _gate_grad(dG: Tensor, g: Tensor, dht, ht, chunks: _Chunks, anticausal: bool) -> Tensor:
+    """``_gate_grad_kernel``: dg from the slots of ``dL/dG``, a suffix sum over each sequence of ``chunks``."""
+    H = g.shape[2]
+    dg = torch.empty_like(g)
+    dlast = (dht * ht).sum((-2, -1)) if dht is not None else None
+    _gate_grad_kernel[(chunks.N * H,)](
+        dG, dlast, dg, chunks.cu_seqlens, chunks.T, dG.shape[1] * H, NP=dG.shape[0], H=H, BT=GATE_GRAD_BT,
+        HAS_LAST=dlast is not None, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None,
+    )
+    return dg
+
+
+def _walk_backward(q, k, v, g, h0, ht, do, dht, chunks: _Chunks, scale: float, anticausal: bool, BT: int):
+    """dq, dk, dv, dg, dh0 from the chunk walks: dq forward, dk and dv backward, in one launch;
+    then the gate's gradient as a suffix sum over each sequence."""
+    dq, dk, dv, dG, dh0 = _walk_grads(q, k, v, g, h0, do, dht, chunks, scale, anticausal, BT, h0 is not None)
+    dg = _gate_grad(dG, g, dht, ht, chunks, anticausal) if g is not None else None
     return dq, dk, dv, dg, (dh0.to(h0.dtype) if h0 is not None else None)
+
+
+class _Segments:
+    """The sequences of ``chunks`` cut into segments of ``size`` tokens (the last of each sequence
+    shorter), as sequences of their own: ``chunks`` (a :class:`_Chunks` over the segments: a batch
+    of segments of ``size`` when it divides the common length, else packed), ``first [N + 1]``
+    (index of each sequence's first segment), ``count`` and ``gs [count, H]`` (each segment's gate
+    sum in float32, summed in float64; None without a gate)."""
+
+    def __init__(self, k: Tensor, g: Tensor | None, bounds: list[int], size: int, BT: int, uniform: bool):
+        starts, first = [], [0]
+        for bos, eos in zip(bounds[:-1], bounds[1:]):
+            starts += range(bos, eos, size)
+            first.append(len(starts))
+        device = k.device
+        self.N, self.count = len(bounds) - 1, len(starts)
+        self.first = torch.tensor(first, dtype=torch.int32, device=device)
+        if uniform:
+            self.chunks = _Chunks(k.view(self.count, size, *k.shape[2:]), None, BT)
+        else:
+            self.chunks = _Chunks(k, torch.tensor(starts + [bounds[-1]], dtype=torch.int32, device=device), BT)
+        self.gs = None
+        if g is not None:
+            H = g.shape[2]
+            if uniform:
+                self.gs = g.reshape(self.count, size, H).double().sum(1).float()
+            else:
+                cs = F.pad(g.reshape(-1, H).double().cumsum(0), (0, 0, 1, 0))
+                at = self.chunks.cu_seqlens.long()
+                self.gs = (cs[at[1:]] - cs[at[:-1]]).float().contiguous()
+
+    @staticmethod
+    def plan(k: Tensor, g: Tensor | None, chunks: _Chunks, BT: int) -> "_Segments | None":
+        """Segments when sequences x heads are below ``SEGMENT_BELOW`` and some sequence is longer
+        than one segment (``SEGMENT_MIN`` tokens or more, enough for ``SEGMENT_PROGRAMS``); else None."""
+        B, T, H = k.shape[:3]
+        if chunks.N * H >= SEGMENT_BELOW or chunks.N == 0:
+            return None
+        if chunks.cu_seqlens is None:
+            bounds = list(range(0, B * T + 1, T)) if T > 0 else [0] * (B + 1)
+        else:
+            bounds = chunks.cu_seqlens.tolist()
+        longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        pieces = -(-SEGMENT_PROGRAMS // (chunks.N * H))
+        size = -(-max(SEGMENT_MIN, -(-longest // pieces)) // BT) * BT
+        if size >= longest:
+            return None
+        uniform = False
+        if chunks.cu_seqlens is None:  # equal segments if a count near T / size divides T in whole chunks
+            m = -(-T // size)
+            uniform = T % m == 0 and (T // m) % BT == 0
+            size = T // m if uniform else size
+        return _Segments(k, g, bounds, size, BT, uniform)
+
+    def chain(self, local: Tensor | None, s0: Tensor | None, dims: tuple[int, int, int], reverse: bool,
+              store_final: bool) -> tuple[Tensor, Tensor | None]:
+        """``_chain_kernel``: the state at every segment's start (``reverse``: the state gradient at
+        every segment's end), float32 ``[count, H, K, V]``, and per sequence the final one (or None)."""
+        H, K, V = dims
+        BK, BV = min(_pow2(K), 64), min(_pow2(V), 64)
+        device = self.first.device
+        start = torch.empty(self.count, H, K, V, dtype=torch.float32, device=device)
+        final = torch.empty(self.N, H, K, V, dtype=torch.float32, device=device) if store_final else None
+        _chain_kernel[(self.N * H * triton.cdiv(K, BK) * triton.cdiv(V, BV),)](
+            local, self.gs, s0, start, final, self.first, H=H, K=K, V=V, BK=BK, BV=BV,
+            GATE=int(self.gs is not None), HAS_LOCAL=local is not None, HAS_S0=s0 is not None,
+            STORE_FINAL=store_final, REVERSE=reverse,
+        )
+        return start, final
 
 
 class ChunkGLAFunction(torch.autograd.Function):
@@ -833,15 +968,22 @@ class ChunkGLAFunction(torch.autograd.Function):
         gate = _gate_kind(g)
         BT = chunk_size
         chunks = _Chunks(k, cu_seqlens, BT)
+        segments = _Segments.plan(k, g, chunks, BT) if gate != 2 and not anticausal else None
         walk = gate != 2 and chunks.N * H >= TARGET_PROGRAMS
         states = None
-        if walk:
+        if segments is not None:
+            # the state at each segment's start: local states of the segments, chained
+            _, local = _states(k, v, g, None, segments.chunks, (H, K, V), 1.0, False, BT, store_states=False)
+            states, ht = segments.chain(local, h0, (H, K, V), reverse=False, store_final=output_final_state)
+            o = _walk_forward(q, k, v, g, states, segments.chunks, scale, False, BT, False)[0] if q is not None else None
+        elif walk:
             o, ht = _walk_forward(q, k, v, g, h0, chunks, scale, anticausal, BT, output_final_state)
         else:
             states, ht = _states(k, v, g, h0, chunks, (H, K, V), 1.0, anticausal, BT)
             o = _outputs(q, k, v, g, states, chunks, scale, anticausal, BT) if q is not None else None
-        ctx.save_for_backward(q, k, v, g, h0, ht, states if SAVE_STATES else None)
+        ctx.save_for_backward(q, k, v, g, h0, ht, states if SAVE_STATES or segments is not None else None)
         ctx.chunks, ctx.scale, ctx.anticausal, ctx.BT, ctx.walk = chunks, scale, anticausal, BT, walk
+        ctx.segments = segments
         ctx.set_materialize_grads(False)
         return o, (ht if output_final_state else None)
 
@@ -852,12 +994,30 @@ class ChunkGLAFunction(torch.autograd.Function):
             do = torch.zeros_like(v)
         do = do.contiguous() if q is not None else None
         dht = dht.contiguous() if dht is not None else None
+        if ctx.segments is not None:
+            dq, dk, dv, dg, dh0 = _segments_backward(q, k, v, g, h0, ht, states, do, dht, ctx.chunks, ctx.segments,
+                                                     ctx.scale, ctx.BT)
+            return dq, dk, dv, dg, dh0, None, None, None, None, None
         if not ctx.walk and states is None:
             states, _ = _states(k, v, g, h0, ctx.chunks, (k.shape[2], k.shape[3], v.shape[3]), 1.0, ctx.anticausal, ctx.BT)
         backward = _walk_backward if ctx.walk else _parallel_backward
         args = (q, k, v, g, h0, ht, do, dht) if ctx.walk else (q, k, v, g, h0, states, do, dht)
         dq, dk, dv, dg, dh0 = backward(*args, ctx.chunks, ctx.scale, ctx.anticausal, ctx.BT)
         return dq, dk, dv, dg, dh0, None, None, None, None, None
+
+
+def _segments_backward(q, k, v, g, h0, ht, starts, do, dht, chunks: _Chunks, segments: _Segments, scale: float, BT: int):
+    """dq, dk, dv, dg, dh0 of the segmented walks (causal): the state gradient at each segment's end
+    from the local ones (queries of the segment only) chained backward; the walks per segment from
+    their start state ``starts`` and end gradient; the gate's gradient over whole sequences."""
+    dims = (k.shape[2], k.shape[3], v.shape[3])
+    local = None
+    if q is not None:
+        _, local = _states(q, do, g, None, segments.chunks, dims, scale, False, BT, reverse=True, store_states=False)
+    ends, dh0 = segments.chain(local, dht, dims, reverse=True, store_final=h0 is not None)
+    dq, dk, dv, dG, _ = _walk_grads(q, k, v, g, starts, do, ends, segments.chunks, scale, False, BT, False)
+    dg = _gate_grad(dG, g, dht, ht, chunks, False) if g is not None else None
+    return dq, dk, dv, dg, (dh0.to(h0.dtype) if h0 is not None else None)
 
 
 def chunk_gla(

@@ -1,7 +1,7 @@
 """Triton GLA kernels (run under the interpreter) = the float64 reference: outputs, final states
 and every gradient, per-head, per-channel and no gate, in every pattern, chunk-parallel (the default
 at these sizes: sequences x heads < TARGET_PROGRAMS) and as walks (``target_programs=1``, gate per
-head or none), packed; per-channel gates in chunks of 16 (one sub-chunk), 32 and 64 (sub-chunks of 16)."""
+head or none), as walks per segment (gate per head or none, causal), packed; per-channel gates in chunks of 16 (one sub-chunk), 32 and 64 (sub-chunks of 16)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,22 @@ CASES["CS-channel-blocks"] = dict(op="gla", pattern="CS", gate="channel", B=1, T
 CASES["CS-channel-dims"] = dict(op="gla", pattern="CS", gate="channel", T=24, K=24, V=16, dtype="float32")
 # no gate, noncausal: the state is a sum over two splits of time (the last one partial), two blocks of columns
 CASES["NS-none-splits"] = dict(op="gla", pattern="NS", gate="none", B=1, T=1100, V=80, dtype="float32", seed=7)
+# causal walks per segment (SEGMENT_MIN shrunk so that these lengths are cut): segments of one
+# chunk and a last one of a token (packed), equal ones of one and two chunks (a batch of segments);
+# packed sequences (a 1-token one: one segment); chunks of 64 with two blocks of state rows and
+# columns; the causal pass of the noncausal self pattern; cross; fp16
+SEG = dict(SEGMENT_BELOW=2**31, SEGMENT_MIN=16)
+CASES["CS-head-seg"] = dict(op="gla", pattern="CS", gate="head", T=65, dtype="float32", seed=7, gla_constants=SEG)
+CASES["CS-head-seg-even"] = dict(op="gla", pattern="CS", gate="head", T=64, dtype="float32", seed=13, gla_constants=SEG)
+CASES["CS-none-seg"] = dict(op="gla", pattern="CS", gate="none", T=96, dtype="float32", seed=8,
+                            gla_constants=dict(SEG, SEGMENT_MIN=32))
+CASES["varlen-head-seg"] = dict(op="gla", pattern="CS", gate="head", T=0, cu=[0, 1, 9, 80, 90], dtype="float32",
+                                gla_constants=SEG)
+CASES["CS-head-seg-blocks"] = dict(op="gla", pattern="CS", gate="head", B=1, T=150, K=80, V=72, chunk=64,
+                                   dtype="float32", seed=9, gla_constants=SEG)
+CASES["NS-head-seg"] = dict(op="gla", pattern="NS", gate="head", T=33, dtype="float32", seed=10, gla_constants=SEG)
+CASES["CC-head-seg"] = dict(op="gla", pattern="CC", gate="head", T=33, dtype="float32", seed=11, gla_constants=SEG)
+CASES["CS-head-seg-fp16"] = dict(op="gla", pattern="CS", gate="head", T=65, dtype="float16", seed=12, gla_constants=SEG)
 CASES["CS-head-fp16"] = dict(op="gla", pattern="CS", gate="head", T=65, dtype="float16")
 CASES["CS-channel-fp16"] = dict(op="gla", pattern="CS", gate="channel", B=1, T=40, chunk=32, dtype="float16")
 TOL = {"float32": 1e-5, "float16": 3e-3}
