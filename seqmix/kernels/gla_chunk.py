@@ -299,7 +299,6 @@ def _bwd_dq(
     for i_c in range(tl.cdiv(Tn, BT)):
         t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
         rows = bos + t
-        b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
         b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K)
         b_v = _tile(v + i_h * V, rows, valid, cv, V, H * V)
         b_do = _tile(do + i_h * V, rows, valid, cv, V, H * V)
@@ -311,7 +310,8 @@ def _bwd_dq(
         b_dq += _dot(b_dA.to(dt), b_k)
         b_dq *= scale
         _store(dq + i_h * K, b_dq, rows, valid, ck, K, H * K)
-        if GATE:
+        if GATE:  # q read here, where it is used: fewer tiles live across the products (less spill)
+            b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
             tl.store(dG + i_k * TG + rows * H + i_h, tl.sum(b_q.to(tl.float32) * b_dq, 1), mask=valid)
         b_kd = _rows_times(b_k, tl.exp(_to_end(b_c, b_cl, GATE)), GATE)
         b_S = _decayed(b_S, b_cl, GATE) + _dot_split(tl.trans(b_kd), b_v, True)
@@ -336,7 +336,6 @@ def _bwd_dk(
     for i in range(NT):
         t, valid = _chunk_rows(NT - 1 - i, Tn, BT, ANTI)
         rows = bos + t
-        b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K)
         b_v = _tile(v + i_h * V, rows, valid, cv, V, H * V)
         b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, GATE, ANTI)
         b_c = tl.cumsum(b_g, 0)
@@ -351,7 +350,8 @@ def _bwd_dk(
             b_qd = _rows_times(scale * b_q.to(tl.float32), tl.exp(b_c), GATE)
             b_dS += _dot_split(tl.trans(b_qd), b_do, True)
         _store(dk + i_h * K, b_dk, rows, valid, ck, K, H * K)
-        if GATE:
+        if GATE:  # k read here, where it is used: fewer tiles live across the products (less spill)
+            b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K)
             tl.store(dG + slot * TG + rows * H + i_h, -tl.sum(b_k.to(tl.float32) * b_dk, 1), mask=valid)
     if STORE_DH0:
         tl.store(dh0 + state_offs, b_dS, mask=state_mask)
@@ -379,16 +379,17 @@ def _bwd_dv(
         b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, GATE, ANTI)
         b_c = tl.cumsum(b_g, 0)
         b_cl = tl.sum(b_g, 0)
-        b_kd = _rows_times(b_k, tl.exp(_to_end(b_c, b_cl, GATE)), GATE)
-        b_dv = _dot(b_kd.to(dt), b_dS.to(dt))
-        b_dS = _decayed(b_dS, b_cl, GATE)
+        # the scores first (q, k), then the products into dv and dS, each operand cast to the
+        # inputs' dtype where it is made: fewer float32 tiles live at once (less spill)
         if HAS_Q:
             b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
+            b_At = tl.trans(_scores(b_q, b_k, b_c, BT, ANTI)).to(dt)
+        b_dv = _dot(_rows_times(b_k, tl.exp(_to_end(b_c, b_cl, GATE)), GATE).to(dt), b_dS.to(dt))
+        b_dS = _decayed(b_dS, b_cl, GATE)
+        if HAS_Q:
             b_do = _tile(do + i_h * V, rows, valid, cv, V, H * V)
-            b_At = tl.trans(_scores(b_q, b_k, b_c, BT, ANTI))
-            b_dv += scale * _dot(b_At.to(dt), b_do)
-            b_qd = _rows_times(scale * b_q.to(tl.float32), tl.exp(b_c), GATE)
-            b_dS += _dot(tl.trans(b_qd.to(dt)), b_do)
+            b_dv += scale * _dot(b_At, b_do)
+            b_dS += _dot(tl.trans(_rows_times(scale * b_q.to(tl.float32), tl.exp(b_c), GATE).to(dt)), b_do)
         _store(dv + i_h * V, b_dv, rows, valid, cv, V, H * V)
 
 
