@@ -74,7 +74,8 @@ TARGET_PROGRAMS = 32
 SEGMENT_BELOW = 128
 SEGMENT_PROGRAMS = 512
 SEGMENT_MIN = 2048
-GATE_GRAD_BT = 512  # rows per step of the gate gradient's suffix sum
+SEGMENT_STATE_BT = 128  # rows per step of the segments' state passes (they compute no outputs)
+GATE_GRAD_BT = 2048  # rows per step of the gate gradient's suffix sum
 # chunk-parallel kernels: 8 warps, as with 4 every one of them spills (sm_90, bf16, D = 128)
 # (state rows = columns, warps) per program of the inter-chunk passes: the largest tile of
 # STATE_TILES that still gives STATE_MIN_PROGRAMS programs (these passes are sequential over the
@@ -974,7 +975,7 @@ class ChunkGLAFunction(torch.autograd.Function):
         states = None
         if segments is not None:
             # the state at each segment's start: local states of the segments, chained
-            _, local = _states(k, v, g, None, segments.chunks, (H, K, V), 1.0, False, BT, store_states=False)
+            _, local = _states(k, v, g, None, segments.chunks, (H, K, V), 1.0, False, SEGMENT_STATE_BT, store_states=False)
             states, ht = segments.chain(local, h0, (H, K, V), reverse=False, store_final=output_final_state)
             o = _walk_forward(q, k, v, g, states, segments.chunks, scale, False, BT, False)[0] if q is not None else None
         elif walk:
@@ -1014,7 +1015,8 @@ def _segments_backward(q, k, v, g, h0, ht, starts, do, dht, chunks: _Chunks, seg
     dims = (k.shape[2], k.shape[3], v.shape[3])
     local = None
     if q is not None:
-        _, local = _states(q, do, g, None, segments.chunks, dims, scale, False, BT, reverse=True, store_states=False)
+        _, local = _states(q, do, g, None, segments.chunks, dims, scale, False, SEGMENT_STATE_BT, reverse=True,
+                           store_states=False)
     ends, dh0 = segments.chain(local, dht, dims, reverse=True, store_final=h0 is not None)
     dq, dk, dv, dG, _ = _walk_grads(q, k, v, g, starts, do, ends, segments.chunks, scale, False, BT, False)
     dg = _gate_grad(dG, g, dht, ht, chunks, False) if g is not None else None
