@@ -134,9 +134,9 @@ FAMILIES = [
     Family("gla, none, walks", _gla_inputs("none"), _walks(_gla_call)),
     Family("gla, head, walks", _gla_inputs("head"), _walks(_gla_call)),
     Family("gla, packed, walks", _packed(_gla_inputs("head")), _walks(_gla_call), (Pattern.CAUSAL_SELF,), packed=True),
-    Family("gla, none, segments", _gla_inputs("none"), _segments(_gla_call)),
     Family("gla, head, segments", _gla_inputs("head"), _segments(_gla_call)),
     Family("gla, packed, segments", _packed(_gla_inputs("head")), _segments(_gla_call), (Pattern.CAUSAL_SELF,), packed=True),
+    Family("gla, none, segments", _gla_inputs("none"), _segments(_gla_call)),
 ] + DELTA_FAMILIES
 
 

@@ -28,8 +28,16 @@ sub-chunks of 16 (:mod:`seqmix.kernels.gla_channel`). Two forms share these form
     dk  = (v dS^T) * exp(c_L - c) + scale * sum_i (do_i . v_j) q_i exp(c_i - c_j) [j <= i]
     dv  = (k * exp(c_L - c)) dS + scale * A^T do
 
+  Causal walks with few sequences x heads (``SEGMENT_BELOW``) run per segment of a sequence, each
+  segment a sequence of its own with an initial state and a final-state gradient: the state at every
+  segment's start comes from the segments' own final states from zero (one pass over all segments
+  at once, no per-chunk states) chained per sequence, ``S_start[s + 1] = exp(G_s) S_start[s] +
+  local[s]``; the state gradient at every segment's end likewise, backward, from the queries' share
+  of each segment. dq, dk, dv are then exact per segment and the gate's gradient is summed over
+  whole sequences.
+
 - the chunk-parallel form, for per-channel gates and when sequences x heads are too few to fill
-  the GPU (``TARGET_PROGRAMS``): one pass per sequence walks only the inter-chunk recurrence and
+  the GPU (``TARGET_PROGRAMS``; causal walks with a gate per head or none take segments first): one pass per sequence walks only the inter-chunk recurrence and
   writes the state before every chunk (float32, ``[chunks, H, K, V]``); then one program per chunk, head
   and block of columns computes its outputs. The backward likewise: one reverse pass writes the
   gradient of the state after every chunk, then every chunk computes dq, dk, dv and dg at once.
@@ -48,6 +56,8 @@ Layout ``[B, T, H, D]`` as the ops; ``cu_seqlens [N + 1]`` packs ``N`` sequences
 """
 
 from __future__ import annotations
+
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -741,23 +751,38 @@ def _gate_kind(g: Tensor | None) -> int:
 
 class _Chunks:
     """The chunks of ``N`` sequences: ``first [N + 1]`` (global index of each sequence's first chunk),
-    ``seq [count]`` (sequence of each chunk); ``T`` is the kernels' common length (0 with offsets)."""
+    ``seq [count]`` (sequence of each chunk); ``T`` is the kernels' common length (0 with offsets).
+    ``count``, ``first`` and ``seq`` are made when first used: the walks need none of them (no small
+    launches, and with offsets no wait for the count, before their kernels)."""
 
     def __init__(self, k: Tensor, cu_seqlens: Tensor | None, chunk: int):
         B, T = k.shape[:2]
-        device = k.device
-        self.cu_seqlens = cu_seqlens
+        self.cu_seqlens, self.chunk, self.device = cu_seqlens, chunk, k.device
         if cu_seqlens is None:
             self.N, self.T = B, T
-            per_seq = torch.full((B,), triton.cdiv(T, chunk), device=device, dtype=torch.int32)
-            self.count = B * triton.cdiv(T, chunk)
         else:
             self.N, self.T = cu_seqlens.numel() - 1, 0
-            per_seq = (cu_seqlens[1:] - cu_seqlens[:-1] + chunk - 1) // chunk
-            self.count = int(per_seq.sum())
-        self.first = F.pad(per_seq.cumsum(0), (1, 0)).to(torch.int32)
-        self.seq = torch.repeat_interleave(torch.arange(self.N, device=device, dtype=torch.int32), per_seq,
-                                           output_size=self.count)
+
+    @cached_property
+    def per_seq(self) -> Tensor:
+        if self.cu_seqlens is None:
+            return torch.full((self.N,), triton.cdiv(self.T, self.chunk), device=self.device, dtype=torch.int32)
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1] + self.chunk - 1) // self.chunk
+
+    @cached_property
+    def count(self) -> int:
+        if self.cu_seqlens is None:
+            return self.N * triton.cdiv(self.T, self.chunk)
+        return int(self.per_seq.sum())
+
+    @cached_property
+    def first(self) -> Tensor:
+        return F.pad(self.per_seq.cumsum(0), (1, 0)).to(torch.int32)
+
+    @cached_property
+    def seq(self) -> Tensor:
+        return torch.repeat_interleave(torch.arange(self.N, device=self.device, dtype=torch.int32), self.per_seq,
+                                       output_size=self.count)
 
 
 def _state_block(sequence_heads: int, K: int, V: int) -> tuple[int, int, int]:
