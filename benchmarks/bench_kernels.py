@@ -191,7 +191,7 @@ SWEEP = {  # module constant of gla_chunk -> (values tried by --sweep, one at a 
     "SAVE_STATES": ((False,), 32768),
     # the walks per segment (32768: 32 sequences x heads, segmented by default)
     "SEGMENT_PROGRAMS": ((1024, 2048), 32768), "SEGMENT_MIN": ((1024, 4096), 32768), "SEGMENT_STATE_BT": ((128,), 32768),
-    "SEGMENT_STATE_TILE": (((64, 4), (32, 4)), 32768), "SEGMENT_STATE_STAGES": ((1, 3), 32768),
+    "SEGMENT_STATE_TILE": (((64, 8), (32, 4)), 32768), "SEGMENT_STATE_STAGES": ((1, 3), 32768),
     "GATE_GRAD_BT": ((512,), 32768), "SEGMENT_BELOW": ((512,), 8192),
 }
 

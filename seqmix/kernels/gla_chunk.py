@@ -85,10 +85,11 @@ SEGMENT_BELOW = 128
 SEGMENT_PROGRAMS = 512
 SEGMENT_MIN = 2048
 # the segments' state passes (_states_kernel, no outputs): rows per step, (state rows = columns,
-# warps) per program, stages. Measured at 32K (H100): 128 rows per step slower than 64 (1.33 ms
-# against 1.21 for both passes)
+# warps) per program, stages. Measured at 32K (H100, fwd+bwd): 128 rows per step slower than 64
+# (1.33 ms against 1.21 for both passes); tiles of 64 with 4 warps 4.51 ms against 5.05 with 8
+# (two programs per multiprocessor: 182 / 240 registers, no spill), 32 with 4 warps 5.58
 SEGMENT_STATE_BT = 64
-SEGMENT_STATE_TILE = (64, 8)
+SEGMENT_STATE_TILE = (64, 4)
 SEGMENT_STATE_STAGES = 2
 GATE_GRAD_BT = 2048  # rows per step of the gate gradient's suffix sum
 # chunk-parallel kernels: 8 warps, as with 4 every one of them spills (sm_90, bf16, D = 128)
