@@ -1,7 +1,7 @@
 """The chunked (gated) delta rule in Triton: each chunk's WY/UT parts, the recurrence across
 chunks and the queries' reads, forward and backward (the math of :func:`seqmix.ops.delta._chunked_scan`).
 
-Within chunks (:func:`solve_chunks`, one program per chunk and head). Chunk ``n`` of ``C`` tokens
+Within chunks (``_solve_fwd_kernel``, one program per chunk and head). Chunk ``n`` of ``C`` tokens
 has keys ``K [C, K]``, values ``V [C, V]``, writing strengths ``beta``, log gates ``g`` and their
 cumsum ``G`` inside the chunk (``G_C`` its total)::
 
@@ -14,7 +14,7 @@ kept for the backward, which with ``X = W`` or ``U0`` and ``R`` its right-hand s
 ``dR = T^T dX``, ``dT = sum_X dX R^T`` and ``dA = -strictly_lower(T^T dT T^T)``, then the products'
 rules down to ``dk, dv, dbeta`` and ``dG``, whose suffix sum within the chunk is ``dg``.
 
-Across chunks (:func:`across_chunks`). From the initial state ``S_0 [K, V]``::
+Across chunks (``_fwd_kernel``, ``_bwd_kernel``). From the initial state ``S_0 [K, V]``::
 
     U_n     = U0_n - W_n S_n                   (the chunk's pseudo-values)
     S_{n+1} = gamma_n S_n + E_n^T U_n
@@ -33,14 +33,18 @@ One program owns a block of state columns of one sequence and head; the walk sto
 ``dS_{n+1}``, and ``dW``, ``dE`` and ``dgamma`` (sums over all columns) come after it from one
 program per chunk.
 
-The queries' reads (:func:`read_chunks`, one program per chunk and head), with
+The queries' reads (``_read_fwd_kernel``, one program per chunk and head), with
 ``Attn = (Q K^T) * exp(G_i - G_j) [j <= i]`` and ``Qd = Q * exp(G)``::
 
     O_n = Qd S_n + Attn U_n
     dS_n^out = Qd^T dO,  dU_n^out = Attn^T dO,  dQd = dO S_n^T,  dAttn = dO U_n^T
 
 Layout: inputs ``[B, S, H, D]`` as the ops; chunk-major ``[B, H, N, C, D]`` (contiguous) for
-``W, U0, E``, ``gamma [B, H, N]``, states ``[B, H, N, K, V]`` float32. Packed sequences
+``W, U0, E``, ``gamma [B, H, N]``, states ``[B, H, N, K, V]``. The three parts run under one autograd
+node (:func:`scan_chunks`), so the intermediates never meet autograd: ``W, E``, the entering states,
+``U`` and the leaving states' gradients, read only as products' operands (cast to the inputs' dtype
+there), are stored in that dtype for bfloat16 / float16 inputs; ``U0``, the reads' gradients
+``dS^out, dU^out``, ``dU0, dW, dE``, ``gamma`` and ``T`` stay float32. Packed sequences
 (``chunk_offsets [N_seq + 1]``, ``B = 1``) occupy whole chunks: sequence ``i`` owns chunks
 ``[chunk_offsets[i], chunk_offsets[i + 1])``.
 """
@@ -185,7 +189,7 @@ def _grads_kernel(
         b_dn = _load(dnext, idx, K, V, ck, cv)
         b_dw -= _dot(_as(_load(du0, idx, C, V, rc, cv), LOW), tl.trans(b_S))
         b_de += _dot(_as(_load(u, idx, C, V, rc, cv), LOW), tl.trans(b_dn))
-        b_dgamma += tl.sum(b_S * b_dn, 1)
+        b_dgamma += tl.sum(b_S.to(tl.float32) * b_dn.to(tl.float32), 1)
     _store(dw, idx, C, K, rc, ck, b_dw)
     _store(de, idx, C, K, rc, ck, b_de)
     tl.store(dgamma + idx, tl.sum(b_dgamma, 0))
@@ -398,66 +402,6 @@ def _solve_bwd_kernel(
         _put(_rows_at(dk, i_b, i_c, S, i_h, H, K, C, c0, BD), b_dk)
 
 
-class SolveChunksFunction(torch.autograd.Function):
-    """Autograd wrapper of the within-chunk kernels; see :func:`solve_chunks`."""
-
-    @staticmethod
-    def forward(ctx, k, v, beta, g, C, precise, dk_share):
-        B, S, H, K = k.shape
-        V = v.shape[-1]
-        N = triton.cdiv(S, C)
-        BK, BV = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
-        f32 = dict(dtype=torch.float32, device=k.device)
-        w, e, u0 = torch.empty(B, H, N, C, K, **f32), torch.empty(B, H, N, C, K, **f32), torch.empty(B, H, N, C, V, **f32)
-        gamma, tinv = torch.empty(B, H, N, **f32), torch.empty(B, H, N, C, C, **f32)
-        _solve_fwd_kernel[(N, B * H)](k, v, beta, g, w, u0, e, gamma, tinv, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
-                                      BD=min(BK, BV, SOLVE_BD), PRECISE=precise, num_warps=SOLVE_FWD_WARPS,
-                                      num_stages=SOLVE_FWD_STAGES)
-        ctx.save_for_backward(k, v, beta, g, tinv)
-        ctx.C, ctx.precise, ctx.dk_share = C, precise, dk_share
-        return w, u0, e, gamma
-
-    @staticmethod
-    def backward(ctx, dw, du0, de, dgamma):
-        k, v, beta, g, tinv = ctx.saved_tensors
-        B, S, H, K = k.shape
-        V, C = v.shape[-1], ctx.C
-        N = triton.cdiv(S, C)
-        BK, BV = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
-        dk, dv, dbeta, dg = (torch.empty_like(t) for t in (k, v, beta, g))
-        dw, du0, de, dgamma = (t.contiguous() for t in (dw, du0, de, dgamma))
-        # the reads' share, if their backward ran in this pass (in an earlier one, one that did not need dk, it is stale)
-        task, dk_in = (None, None) if ctx.dk_share is None else ctx.dk_share.pop("dk", (None, None))
-        dk_in = dk_in if task == torch._C._current_graph_task_id() else None
-        _solve_bwd_kernel[(N, B * H)](k, v, beta, g, tinv, dw, du0, de, dgamma, dk_in, dk, dv, dbeta, dg, S, N,
-                                      H=H, K=K, V=V, C=C, BK=BK, BV=BV, BD=min(BK, BV, SOLVE_BD // 2 if ctx.precise else SOLVE_BD),
-                                      PRECISE=ctx.precise, HAS_DK_IN=dk_in is not None, num_warps=SOLVE_BWD_WARPS,
-                                      num_stages=SOLVE_BWD_STAGES)
-        return dk, dv, dbeta, dg, None, None, None
-
-
-def solve_chunks(
-    k: Tensor, v: Tensor, beta: Tensor, g: Tensor, C: int, dtype: torch.dtype = torch.float32,
-    dk_share: dict | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The within-chunk parts (module docstring), one program per chunk and head, differentiable.
-
-    Args: ``k [B, S, H, K]``, ``v [B, S, H, V]``, ``beta, g [B, S, H]`` (the chunk's tail past
-    ``S`` is zero padding); ``C`` the chunk length (16, 32, 64 or 128); ``dtype`` the inputs'
-    precision: float32 products to float32 accuracy (``tf32x3``) for float32, one tf32 pass else;
-    ``dk_share`` the dict that :func:`read_chunks` given the same one (and the same keys) leaves its
-    share of the keys' gradient in: the backward adds it in the kernel (one ``dk`` in the keys'
-    dtype, no sum of partials), the reads' backward running first since the reads take this
-    function's outputs. A share left by another backward pass is ignored: that pass (the reads'
-    backward without this one's) did not ask for the keys' gradient, and this one has no reads' share.
-
-    Returns ``W [B, H, N, C, K]``, ``U0 [B, H, N, C, V]``, ``E [B, H, N, C, K]`` and
-    ``gamma [B, H, N]``, float32, ``N = ceil(S / C)``.
-    """
-    k, v, beta, g = (t.contiguous() for t in (k, v, beta, g))
-    return SolveChunksFunction.apply(k, v, beta, g, C, dtype == torch.float32, dk_share)
-
-
 # ----------------------------------------------------------------------------- queries' reads
 
 
@@ -526,61 +470,6 @@ def _read_bwd_kernel(
     tl.store(dg + offs, tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG, mask=valid)
 
 
-class ReadChunksFunction(torch.autograd.Function):
-    """Autograd wrapper of the read kernels; see :func:`read_chunks`."""
-
-    @staticmethod
-    def forward(ctx, q, k, g, states, u, C, dtype, scale, dk_share):
-        B, S, H, K = q.shape
-        N, V = states.shape[2], states.shape[-1]
-        BK, BV = max(16, triton.next_power_of_2(K)), min(max(16, triton.next_power_of_2(V)), READ_FWD_BV)
-        o = torch.empty(B, S, H, V, dtype=dtype, device=q.device)
-        _read_fwd_kernel[(triton.cdiv(V, BV), N, B * H)](
-            q, k, g, states, u, o, scale, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=_LOW[dtype], num_warps=READ_FWD_WARPS,
-        )
-        ctx.save_for_backward(q, k, g, states, u)
-        ctx.C, ctx.low, ctx.scale, ctx.dk_share = C, _LOW[dtype], scale, dk_share
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, g, states, u = ctx.saved_tensors
-        B, S, H, K = q.shape
-        N, V = states.shape[2], states.shape[-1]
-        BK, BV = max(16, triton.next_power_of_2(K)), min(max(16, triton.next_power_of_2(V)), READ_BWD_BV)
-        f32 = dict(dtype=torch.float32)
-        dq, dk, dg = torch.empty_like(q), torch.empty_like(k, **f32), torch.empty_like(g, **f32)
-        dstates, du = torch.empty_like(states, **f32), torch.empty_like(u, **f32)
-        _read_bwd_kernel[(N, B * H)](
-            q, k, g, states, u, do.contiguous(), dq, dk, dg, dstates, du, ctx.scale, S, N,
-            H=H, K=K, V=V, C=ctx.C, BK=BK, BV=BV, LOW=ctx.low, num_warps=READ_BWD_WARPS,
-        )
-        if ctx.dk_share is not None:  # solve_chunks' backward adds it to its own share
-            ctx.dk_share["dk"] = (torch._C._current_graph_task_id(), dk)
-            dk = None
-        else:
-            dk = dk.to(k.dtype)
-        return dq, dk, dg.to(g.dtype), dstates, du, None, None, None, None
-
-
-def read_chunks(
-    q: Tensor, k: Tensor, g: Tensor, states: Tensor, u: Tensor, C: int, dtype: torch.dtype, scale: float,
-    dk_share: dict | None = None,
-) -> Tensor:
-    """The queries' reads, ``O_n = scale * [(Q_n * exp(G)) S_n + ((Q_n K_n^T) * exp(G_i - G_j) [j <= i]) U_n]``
-    per chunk ``n``, one program per chunk, head (and block of columns), differentiable.
-
-    Args: ``q, k [B, S, H, K]``, ``g [B, S, H]``, entering states ``[B, H, N, K, V]`` and
-    ``U [B, H, N, C, V]`` (float32, from :func:`across_chunks`); ``dtype`` the products' operand
-    dtype and the output's; ``dk_share``: the backward leaves its keys' gradient (float32) there for
-    :func:`solve_chunks` to add, and gives none itself.
-
-    Returns ``o [B, S, H, V]`` in ``dtype``.
-    """
-    q, k, g, states, u = (t.contiguous() for t in (q, k, g, states, u))
-    return ReadChunksFunction.apply(q, k, g, states, u, C, dtype, float(scale), dk_share)
-
-
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -591,68 +480,122 @@ def _blocks(K: int, V: int, max_bv: int) -> tuple[int, int]:
     return BK, BV
 
 
-class AcrossChunksFunction(torch.autograd.Function):
-    """Autograd wrapper of the two kernels; see :func:`across_chunks`."""
+def _mid_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage dtype of ``W, E``, the entering states, ``U`` and the leaving states' gradients: the
+    products' operand dtype (each was cast to it wherever it is read; float32 for float32 inputs)."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+class ScanFunction(torch.autograd.Function):
+    """One autograd node for the whole causal scan (solve, walk, reads): its intermediates never
+    meet autograd, so each is stored in the dtype its readers need (:func:`_mid_dtype`)."""
 
     @staticmethod
-    def forward(ctx, w, u0, e, gamma, h0, chunk_offsets, dtype):
-        B, H, N, C, K = w.shape
-        V = u0.shape[-1]
-        n_seq = h0.shape[0]
-        BK, BV = _blocks(K, V, FWD_BV)
-        states = torch.empty(B, H, N, K, V, dtype=torch.float32, device=w.device)
-        u = torch.empty(B, H, N, C, V, dtype=torch.float32, device=w.device)
-        ht = torch.empty(n_seq, H, K, V, dtype=torch.float32, device=w.device)
+    def forward(ctx, q, k, v, beta, g, h0, C, dtype, scale, chunk_offsets):
+        B, S, H, K = k.shape
+        V, N, n_seq = v.shape[-1], triton.cdiv(S, C), h0.shape[0]
+        BK, BVs = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
+        precise, low, mid = dtype == torch.float32, _LOW[dtype], _mid_dtype(dtype)
+        dev = k.device
+        f32 = dict(dtype=torch.float32, device=dev)
+        # within chunks
+        w, e = torch.empty(B, H, N, C, K, dtype=mid, device=dev), torch.empty(B, H, N, C, K, dtype=mid, device=dev)
+        u0 = torch.empty(B, H, N, C, V, **f32)
+        gamma, tinv = torch.empty(B, H, N, **f32), torch.empty(B, H, N, C, C, **f32)
+        _solve_fwd_kernel[(N, B * H)](k, v, beta, g, w, u0, e, gamma, tinv, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BVs,
+                                      BD=min(BK, BVs, SOLVE_BD), PRECISE=precise, num_warps=SOLVE_FWD_WARPS,
+                                      num_stages=SOLVE_FWD_STAGES)
+        # across chunks
+        _, BV = _blocks(K, V, FWD_BV)
+        states = torch.empty(B, H, N, K, V, dtype=mid, device=dev)
+        u = torch.empty(B, H, N, C, V, dtype=mid, device=dev)
+        ht = torch.empty(n_seq, H, K, V, **f32)
         _fwd_kernel[(triton.cdiv(V, BV), n_seq * H)](
             w, u0, e, gamma, h0, states, u, ht, chunk_offsets, N,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=_LOW[dtype], IS_VARLEN=chunk_offsets is not None,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, IS_VARLEN=chunk_offsets is not None,
             num_warps=NUM_WARPS, num_stages=FWD_STAGES,
         )
-        ctx.save_for_backward(w, e, gamma, states, u, chunk_offsets)
-        ctx.h0_dtype, ctx.low = h0.dtype, _LOW[dtype]
+        del u0
+        # the queries' reads
+        o = None
+        if q is not None:
+            BV = min(BVs, READ_FWD_BV)
+            o = torch.empty(B, S, H, V, dtype=dtype, device=dev)
+            _read_fwd_kernel[(triton.cdiv(V, BV), N, B * H)](
+                q, k, g, states, u, o, scale, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low,
+                num_warps=READ_FWD_WARPS,
+            )
+        ctx.save_for_backward(q, k, v, beta, g, tinv, w, e, gamma, states, u, chunk_offsets)
+        ctx.C, ctx.dtype, ctx.scale, ctx.h0_dtype, ctx.n_seq = C, dtype, scale, h0.dtype, n_seq
         ctx.set_materialize_grads(False)
-        return states, u, ht
+        return o, ht
 
     @staticmethod
-    def backward(ctx, dstates, du, dht):
-        w, e, gamma, states, u, chunk_offsets = ctx.saved_tensors
-        B, H, N, C, K = w.shape
-        V = u.shape[-1]
-        n_seq = dht.shape[0] if dht is not None else (B if chunk_offsets is None else chunk_offsets.numel() - 1)
-        f32 = dict(dtype=torch.float32, device=w.device)
-        du0, dnext = torch.empty(B, H, N, C, V, **f32), torch.empty(B, H, N, K, V, **f32)
+    def backward(ctx, do, dht):
+        q, k, v, beta, g, tinv, w, e, gamma, states, u, chunk_offsets = ctx.saved_tensors
+        B, S, H, K = k.shape
+        V, C, N, n_seq = v.shape[-1], ctx.C, triton.cdiv(S, ctx.C), ctx.n_seq
+        BK, BVs = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
+        precise, low, mid = ctx.dtype == torch.float32, _LOW[ctx.dtype], _mid_dtype(ctx.dtype)
+        dev = k.device
+        f32 = dict(dtype=torch.float32, device=dev)
+        # the reads' backward: dq, the reads' shares of dk and dg, dS_n^out, dU_n^out
+        dq = dk_read = dg_read = dstates = du = None
+        if do is not None and q is not None:
+            BV = min(BVs, READ_BWD_BV)
+            dq, dk_read, dg_read = torch.empty_like(q), torch.empty_like(k, **f32), torch.empty_like(g, **f32)
+            dstates, du = torch.empty(states.shape, **f32), torch.empty(u.shape, **f32)
+            _read_bwd_kernel[(N, B * H)](
+                q, k, g, states, u, do.contiguous(), dq, dk_read, dg_read, dstates, du, ctx.scale, S, N,
+                H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, num_warps=READ_BWD_WARPS,
+            )
+        # the reverse walk, then dW, dE, dgamma per chunk
+        du0, dnext = torch.empty(B, H, N, C, V, **f32), torch.empty(B, H, N, K, V, dtype=mid, device=dev)
         dh0 = torch.empty(n_seq, H, K, V, **f32)
-        dstates, du, dht = (None if t is None else t.contiguous() for t in (dstates, du, dht))
-        BK, BV = _blocks(K, V, BWD_BV)
+        dht = None if dht is None else dht.contiguous()
+        _, BV = _blocks(K, V, BWD_BV)
         _bwd_kernel[(triton.cdiv(V, BV), n_seq * H)](
             w, e, gamma, dstates, du, dht, du0, dnext, dh0, chunk_offsets, N,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=ctx.low, HAS_DSTATES=dstates is not None, HAS_DU=du is not None,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, HAS_DSTATES=dstates is not None, HAS_DU=du is not None,
             HAS_DHT=dht is not None, IS_VARLEN=chunk_offsets is not None, num_warps=NUM_WARPS,
             num_stages=BWD_STAGES,
         )
+        del dstates, du
         dw, de, dgamma = torch.empty(B, H, N, C, K, **f32), torch.empty(B, H, N, C, K, **f32), torch.empty(B, H, N, **f32)
-        BK, BV = _blocks(K, V, GRAD_BV)
+        _, BV = _blocks(K, V, GRAD_BV)
         _grads_kernel[(B * H * N,)](
-            states, u, du0, dnext, dw, de, dgamma, K=K, V=V, C=C, BK=BK, BV=BV, LOW=ctx.low, num_warps=GRAD_WARPS,
+            states, u, du0, dnext, dw, de, dgamma, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, num_warps=GRAD_WARPS,
         )
-        return dw, du0, de, dgamma, dh0.to(ctx.h0_dtype), None, None
+        del dnext
+        # within chunks, adding the reads' share of dk
+        dk, dv, dbeta = (torch.empty_like(t) for t in (k, v, beta))
+        dg = torch.empty_like(g, **f32) if dg_read is not None else torch.empty_like(g)
+        _solve_bwd_kernel[(N, B * H)](k, v, beta, g, tinv, dw, du0, de, dgamma, dk_read, dk, dv, dbeta, dg, S, N,
+                                      H=H, K=K, V=V, C=C, BK=BK, BV=BVs, BD=min(BK, BVs, SOLVE_BD // 2 if precise else SOLVE_BD),
+                                      PRECISE=precise, HAS_DK_IN=dk_read is not None, num_warps=SOLVE_BWD_WARPS,
+                                      num_stages=SOLVE_BWD_STAGES)
+        if dg_read is not None:
+            dg = (dg + dg_read).to(g.dtype)
+        return dq, dk, dv, dbeta, dg, dh0.to(ctx.h0_dtype), None, None, None, None
 
 
-def across_chunks(
-    w: Tensor, u0: Tensor, e: Tensor, gamma: Tensor, initial_state: Tensor, chunk_offsets: Tensor | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The recurrence across chunks (module docstring), differentiable in every tensor input.
+def scan_chunks(
+    q: Tensor | None, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, initial_state: Tensor, C: int,
+    dtype: torch.dtype, scale: float, chunk_offsets: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor]:
+    """The causal chunked scan (module docstring: within chunks, across chunks, the queries' reads),
+    differentiable in every tensor input.
 
-    Args:
-        w, e: ``[B, H, N, C, K]``; u0: ``[B, H, N, C, V]``, float32; gamma: chunk decays ``[B, H, N]``, float32.
-        initial_state: ``[N_seq, H, K, V]`` (``N_seq = B``, or the number of packed sequences).
-        chunk_offsets: ``[N_seq + 1]`` int32 chunk offsets of packed sequences (``B = 1``), or ``None``.
-        dtype: operand dtype of the products (``W, E``, the state and ``U`` are cast to it as they
-            are read); accumulation, states and gradients stay float32.
+    Args: ``q`` (or ``None``: final state only), ``k [B, S, H, K]``, ``v [B, S, H, V]``,
+    ``beta, g [B, S, H]`` (the chunk's tail past ``S`` is zero padding); ``initial_state
+    [N_seq, H, K, V]`` (``N_seq = B``, or the number of packed sequences); ``C`` the chunk length (16,
+    32 or 64); ``dtype`` the products' operand dtype and the output's: float32 products to float32
+    accuracy (``tf32x3``) for float32; ``scale`` of the reads; ``chunk_offsets [N_seq + 1]`` int32 of
+    packed sequences (``B = 1``) or ``None``.
 
-    Returns the entering states ``[B, H, N, K, V]``, the pseudo-values ``U [B, H, N, C, V]`` and the
-    final states ``[N_seq, H, K, V]``, all float32.
+    Returns ``o = scale * O [B, S, H, V]`` in ``dtype`` (``None`` without ``q``) and the final states
+    ``[N_seq, H, K, V]`` float32.
     """
-    w, u0, e, gamma, initial_state = (t.contiguous() for t in (w, u0, e, gamma, initial_state))
-    return AcrossChunksFunction.apply(w, u0, e, gamma, initial_state, chunk_offsets, dtype)
+    q = None if q is None else q.contiguous()
+    k, v, beta, g, initial_state = (t.contiguous() for t in (k, v, beta, g, initial_state))
+    return ScanFunction.apply(q, k, v, beta, g, initial_state, C, dtype, float(scale), chunk_offsets)

@@ -230,7 +230,7 @@ def _decay(diff: Tensor, diagonal: int) -> Tensor:
 def _solve_chunks(k: Tensor, v: Tensor, beta: Tensor, g: Tensor, C: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Every chunk's ``W [B, H, N, C, K]``, ``U0 [B, H, N, C, V]``, keys decayed to its end
     ``[B, H, N, C, K]`` and decay ``gamma = exp(G_C) [B, H, N]`` (see :func:`_chunked_scan`); the
-    Triton form is :func:`seqmix.kernels.delta_chunk.solve_chunks`."""
+    Triton form is in :mod:`seqmix.kernels.delta_chunk`."""
     G, diff = _chunk_gates(g, C)
     k, v = _to_chunks(k, C), _to_chunks(v, C)
     beta = _to_chunks(beta[..., None], C)[..., 0]  # (B, H, N, C)
@@ -245,7 +245,7 @@ def _solve_chunks(k: Tensor, v: Tensor, beta: Tensor, g: Tensor, C: int) -> tupl
 def _read_chunks(q: Tensor, k: Tensor, g: Tensor, entering: Tensor, U: Tensor, C: int, scale: float) -> Tensor:
     """The queries' reads ``O = scale * [(Q * exp(G)) S_n + ((Q K^T) * exp(G_i - G_j) [j <= i]) U_n]``
     per chunk, as ``o [B, S, H, V]`` in the state's dtype. The Triton form is
-    :func:`seqmix.kernels.delta_chunk.read_chunks`."""
+    :mod:`seqmix.kernels.delta_chunk`."""
     G, diff = _chunk_gates(g, C)
     qc, kc = _to_chunks(q, C), _to_chunks(k, C)
     q_from_start, attn = qc * G.exp()[..., None], (qc @ kc.transpose(-1, -2)) * _decay(diff, 0)
@@ -380,12 +380,13 @@ def delta_rule_triton(
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`delta_rule` as :func:`delta_rule_chunked` with the three parts of its scan in Triton
-    (:mod:`seqmix.kernels.delta_chunk`): each chunk's ``W, U0`` (float32), the recurrence across
-    chunks and the queries' reads (products with q's dtype as operands, float32 accumulation). A
+    (:mod:`seqmix.kernels.delta_chunk`, one autograd node): each chunk's ``W, U0``, the recurrence
+    across chunks and the queries' reads (products with q's dtype as operands, float32 accumulation;
+    intermediates that are only read as operands stored in q's dtype). A
     single causal token without gradients runs the fused step kernel.
     Packed sequences (``cu_seqlens``) are laid out chunk-aligned (zero padding: no write, no decay)
     and walked by the kernel per sequence. Inputs are not checked."""
-    from seqmix.kernels.delta_chunk import across_chunks, read_chunks, solve_chunks
+    from seqmix.kernels.delta_chunk import scan_chunks
 
     scale, out_dtype = resolve_scale(scale, q.shape[-1]), q.dtype
     if causal and q.shape[1] == 1 and cu_seqlens is None and not needs_grad(q, k, v, beta, g, initial_state):
@@ -398,13 +399,8 @@ def delta_rule_triton(
     q, k, v, beta, g, state = _prepare(q, k, v, beta, g, initial_state, n_seq, keep_inputs=True)
 
     def scan(*inputs: Tensor, chunk_offsets: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
-        # one scan, one dict: the reads' backward leaves its share of dk there for the solve's backward
-        dk_share: dict = {}
-        return _chunked_scan(
-            *inputs, chunk_size, solve=partial(solve_chunks, dtype=out_dtype, dk_share=dk_share),
-            across=partial(across_chunks, chunk_offsets=chunk_offsets, dtype=out_dtype),
-            read=partial(read_chunks, dtype=out_dtype, scale=scale, dk_share=dk_share),
-        )
+        # the three parts of _chunked_scan (solve, across, read) under one autograd node
+        return scan_chunks(*inputs, chunk_size, dtype=out_dtype, scale=scale, chunk_offsets=chunk_offsets)
 
     if cu_seqlens is None:
         o, final = _by_pattern(q, k, v, beta, g, state, causal=causal, cross=cross, scan=scan, scale=scale)

@@ -1,7 +1,8 @@
 """Triton delta rule (run under the interpreter) = the float64 reference: outputs, final states and
 every gradient (q, k, v, beta, g, initial state), with and without a gate, in every pattern, on odd
-lengths, several column blocks and packed sequences; and the keys' gradient handed from the reads'
-backward to the solve's under backward passes that run only one of them, or repeat."""
+lengths, several column blocks and packed sequences (float16 cases: the intermediates stored in
+float16); and backward passes that need only the outputs' or only the final state's gradients, or
+repeat (the keys' gradient has a share from the reads and one from the solve)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ CASES["CS-head-chunk64"] = dict(op="delta", pattern="CS", gate="head", T=70, chu
 CASES["CS-head-two-column-blocks"] = dict(op="delta", pattern="CS", gate="head", T=37, V=80, dtype="float32")
 CASES["CS-head-fp16"] = dict(op="delta", pattern="CS", gate="head", T=65, dtype="float16")
 CASES["NS-head-fp16"] = dict(op="delta", pattern="NS", gate="head", T=33, dtype="float16")
+# float16 intermediates (W, E, states, U, leaving states' gradients) over several column blocks, packed, and without reads
+CASES["CS-head-fp16-two-column-blocks"] = dict(op="delta", pattern="CS", gate="head", T=37, V=80, dtype="float16")
+CASES["varlen-head-fp16"] = dict(op="delta", pattern="CS", gate="head", T=0, cu=[0, 1, 9, 40, 45], dtype="float16")
+CASES["NC-head-fp16"] = dict(op="delta", pattern="NC", gate="head", T=33, dtype="float16", seed=3)
 TOL = {"float32": 1e-5, "float16": 3e-3}
 
 
