@@ -29,8 +29,8 @@ in reverse with the state gradient ``dS`` in registers (``dS = dS_{n+1}`` on ent
     dgamma_n = <S_n, dS_{n+1}>
     dS_n     = gamma_n dS_{n+1} - W_n^T dU_n + dS_n^out
 
-One program owns a block of state columns of one sequence and head; the walk stores every
-``dS_{n+1}``, and ``dW``, ``dE`` and ``dgamma`` (sums over all columns) come after it from one
+One program owns a block of state columns of one sequence and head; ``dS_n^out`` (below) is
+formed in the walk from the queries, gates and ``dO``; the walk stores every ``dS_{n+1}``, and ``dW``, ``dE`` and ``dgamma`` (sums over all columns) come after it from one
 program per chunk.
 
 The queries' reads (``_read_fwd_kernel``, one program per chunk and head), with
@@ -43,8 +43,8 @@ Layout: inputs ``[B, S, H, D]`` as the ops; chunk-major ``[B, H, N, C, D]`` (con
 ``W, U0, E``, ``gamma [B, H, N]``, states ``[B, H, N, K, V]``. The three parts run under one autograd
 node (:func:`scan_chunks`), so the intermediates never meet autograd: ``W, E``, the entering states,
 ``U`` and the leaving states' gradients, read only as products' operands (cast to the inputs' dtype
-there), are stored in that dtype for bfloat16 / float16 inputs; ``U0``, the reads' gradients
-``dS^out, dU^out``, ``dU0, dW, dE``, ``gamma`` and ``T`` stay float32. Packed sequences
+there), are stored in that dtype for bfloat16 / float16 inputs; ``U0``, the reads' gradient
+``dU^out``, ``dU0, dW, dE``, ``gamma`` and ``T`` stay float32. Packed sequences
 (``chunk_offsets [N_seq + 1]``, ``B = 1``) occupy whole chunks: sequence ``i`` owns chunks
 ``[chunk_offsets[i], chunk_offsets[i + 1])``.
 """
@@ -144,12 +144,13 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    w, e, gamma, dstates, du, dht, du0, dnext, dh0, chunk_offsets, N,
+    w, e, gamma, q, g, do, du, dht, du0, dnext, dh0, chunk_offsets, scale, S, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    LOW: tl.constexpr, HAS_DSTATES: tl.constexpr, HAS_DU: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    LOW: tl.constexpr, HAS_DO: tl.constexpr, HAS_DU: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """Columns ``i_v`` of one sequence and head, walking its chunks backward: ``dU0_n`` and the
-    gradient of each chunk's leaving state ``dS_{n+1}`` (into ``dnext``), then ``dS_0``."""
+    gradient of each chunk's leaving state ``dS_{n+1}`` (into ``dnext``), then ``dS_0``. The reads'
+    ``dS_n^out = scale * (Q * exp(G))^T dO`` is formed here from ``q, g, do`` (``HAS_DO``)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     b, c0, c1 = _chunk_range(i_n, chunk_offsets, N, IS_VARLEN)
@@ -159,15 +160,19 @@ def _bwd_kernel(
         b_dS += _load(dht, i_nh.to(tl.int64), K, V, ck, cv).to(tl.float32)
     first = (b * H + i_h).to(tl.int64) * N
     for i in range(c1 - c0):
-        idx = first + c1 - 1 - i
+        c = c1 - 1 - i
+        idx = first + c
         _store(dnext, idx, K, V, ck, cv, b_dS)
         b_du = _dot(_as(_load(e, idx, C, K, rc, ck), LOW), b_dS)  # [C, BV]
         if HAS_DU:
             b_du += _load(du, idx, C, V, rc, cv).to(tl.float32)
         _store(du0, idx, C, V, rc, cv, b_du)
         b_dS = tl.load(gamma + idx) * b_dS - _dot(tl.trans(_as(_load(w, idx, C, K, rc, ck), LOW)), b_du)
-        if HAS_DSTATES:
-            b_dS += _load(dstates, idx, K, V, ck, cv)
+        if HAS_DO:
+            b_g, _, _ = _chunk_gate(g, b, c, S, i_h, H, C)
+            b_qd = _chunk_rows(q, b, c, S, i_h, H, K, C, ck) * tl.exp(tl.cumsum(b_g, 0))[:, None]
+            b_do = _as(scale * _chunk_rows(do, b, c, S, i_h, H, V, C, cv), LOW)
+            b_dS += _dot(_as(tl.trans(b_qd), LOW), b_do)
     _store(dh0, i_nh.to(tl.int64), K, V, ck, cv, b_dS)
 
 
@@ -435,12 +440,13 @@ def _read_fwd_kernel(
 
 @triton.jit
 def _read_bwd_kernel(
-    q, k, g, states, u, do, dq, dk, dg, dstates, du, scale, S, N,
+    q, k, g, states, u, do, dq, dk, dg, du, scale, S, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     LOW: tl.constexpr,
 ):
     """Chunk ``i_c``'s gradients of queries, keys (the reads' share), log gates (the reads' share),
-    entering state and ``U``, walking the state's column blocks."""
+    ``U``, walking the state's column blocks (the entering state's, ``Qd^T dO``, is formed in the
+    backward walk)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     idx = i_bh.to(tl.int64) * N + i_c
@@ -459,7 +465,6 @@ def _read_bwd_kernel(
         b_do = _as(scale * _chunk_rows(do, i_b, i_c, S, i_h, H, V, C, cv), LOW)
         b_dqd += _dot(b_do, tl.trans(_load(states, idx, K, V, ck, cv)))
         b_dattn += _dot(b_do, tl.trans(_load(u, idx, C, V, rc, cv)))
-        _store(dstates, idx, K, V, ck, cv, _dot(_as(tl.trans(b_qd), LOW), b_do))
         _store(du, idx, C, V, rc, cv, _dot(_as(tl.trans(b_attn), LOW), b_do))
     b_M = b_dattn * decay
     b_dqd *= tl.exp(b_G)[:, None]
@@ -539,14 +544,17 @@ class ScanFunction(torch.autograd.Function):
         precise, low, mid = ctx.dtype == torch.float32, _LOW[ctx.dtype], _mid_dtype(ctx.dtype)
         dev = k.device
         f32 = dict(dtype=torch.float32, device=dev)
-        # the reads' backward: dq, the reads' shares of dk and dg, dS_n^out, dU_n^out
-        dq = dk_read = dg_read = dstates = du = None
-        if do is not None and q is not None:
+        # the reads' backward: dq, the reads' shares of dk and dg, dU_n^out (dS_n^out: in the walk)
+        dq = dk_read = dg_read = du = None
+        if q is None:
+            do = None
+        if do is not None:
             BV = min(BVs, READ_BWD_BV)
+            do = do.contiguous()
             dq, dk_read, dg_read = torch.empty_like(q), torch.empty_like(k, **f32), torch.empty_like(g, **f32)
-            dstates, du = torch.empty(states.shape, **f32), torch.empty(u.shape, **f32)
+            du = torch.empty(u.shape, **f32)
             _read_bwd_kernel[(N, B * H)](
-                q, k, g, states, u, do.contiguous(), dq, dk_read, dg_read, dstates, du, ctx.scale, S, N,
+                q, k, g, states, u, do, dq, dk_read, dg_read, du, ctx.scale, S, N,
                 H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, num_warps=READ_BWD_WARPS,
             )
         # the reverse walk, then dW, dE, dgamma per chunk
@@ -555,12 +563,12 @@ class ScanFunction(torch.autograd.Function):
         dht = None if dht is None else dht.contiguous()
         _, BV = _blocks(K, V, BWD_BV)
         _bwd_kernel[(triton.cdiv(V, BV), n_seq * H)](
-            w, e, gamma, dstates, du, dht, du0, dnext, dh0, chunk_offsets, N,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, HAS_DSTATES=dstates is not None, HAS_DU=du is not None,
+            w, e, gamma, q, g, do, du, dht, du0, dnext, dh0, chunk_offsets, ctx.scale, S, N,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, HAS_DO=do is not None, HAS_DU=du is not None,
             HAS_DHT=dht is not None, IS_VARLEN=chunk_offsets is not None, num_warps=NUM_WARPS,
             num_stages=BWD_STAGES,
         )
-        del dstates, du
+        del du
         dw, de, dgamma = torch.empty(B, H, N, C, K, **f32), torch.empty(B, H, N, C, K, **f32), torch.empty(B, H, N, **f32)
         _, BV = _blocks(K, V, GRAD_BV)
         _grads_kernel[(B * H * N,)](
