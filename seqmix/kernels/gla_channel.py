@@ -14,8 +14,9 @@ rows and the rows before it selected by masks::
     A += (q * exp(c - b_I) [rows of I]) (k * exp(b_I - c) [rows before I])^T
 
 Inside a sub-chunk (the diagonal ``16 x 16`` blocks) the decay differs per channel and cannot be
-split that way without exponents > 0, so the blocks are built exactly from the three-dimensional
-decay ``E [i, j, k] = exp(c_ik - c_jk) [i sees j]`` (every exponent <= 0, zero where masked)::
+split that way without exponents > 0, so the blocks are built exactly, one row of the sub-chunk at a
+time, by Horner's rule on ``exp(c_ik - c_jk) = prod_{j < r <= i} exp(g_rk)`` (every factor <= 1;
+no three-dimensional decay tensor)::
 
     A_ij = sum_k q_ik k_jk E_ijk,   dq_ik = sum_j dA_ij k_jk E_ijk,   dk_jk = sum_i dA_ij q_ik E_ijk
 
@@ -36,7 +37,6 @@ from seqmix.kernels.gla_chunk import (
     _dot,
     _dot_split,
     _gate,
-    _keep,
     _pow2,
     _sequence,
     _state_tile,
@@ -47,13 +47,13 @@ from seqmix.kernels.gla_chunk import (
 )
 
 SUB = 16  # rows of a sub-chunk
-KC = 32  # channels per step of the diagonal scores of the outputs and dv
+KC = 128  # channels per step of the diagonal blocks of A
 KB = 64  # channels per step of the scores between sub-chunks and of the state reads of the outputs and dv
 SCORES_WARPS, SCORES_STAGES = 4, 1
 OUT_BV, OUT_WARPS, OUT_STAGES = 128, 4, 1  # columns per output program
 DQK_BK, DQK_WARPS, DQK_STAGES = 64, 8, 1  # channels per dq / dk / dg program (4 warps: illegal address on the H100, Triton 3.6)
 DQK_BV = 64  # columns per step of their reads of v, do and the states
-DIAG_BK, DIAG_WARPS = 32, 4  # channels per program of the diagonal blocks of dq / dk
+DIAG_BK, DIAG_WARPS = 64, 8  # channels per program of the diagonal blocks of dq / dk
 DIAG_A_WARPS, DIAG_A_STAGES = 4, 2  # programs of the diagonal blocks of A
 DA_BV, DA_WARPS, DA_STAGES = 64, 4, 2  # columns per step of dA = do v^T
 DV_BV, DV_WARPS, DV_STAGES = 128, 4, 1  # columns per dv program
@@ -71,26 +71,32 @@ def _rows_at(s0, Tn, N: tl.constexpr, ANTI: tl.constexpr):
 
 
 @triton.jit
-def _decay3(c, SUB: tl.constexpr, ANTI: tl.constexpr):
-    """``E [i, j, k] = exp(c_ik - c_jk)`` where row ``i`` sees row ``j``, else 0 (``c [SUB, BK]``)."""
-    keep = _keep(SUB, ANTI)
-    return tl.where(keep[:, :, None], tl.exp(tl.minimum(c[:, None, :] - c[None, :, :], 0.0)), 0.0)
+def _row_at(s0, n: tl.constexpr, Tn, ANTI: tl.constexpr):
+    """Time index of the row at walk position ``s0 + n`` (reversed when ``ANTI``) and whether it is real."""
+    s = s0 + n
+    if ANTI:
+        t = Tn - 1 - s
+    else:
+        t = s
+    return t, s < Tn
 
 
 @triton.jit
-def _diag_scores(q, k, g, bos, t, valid, Tn, i_h, H: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr,
-                 KC: tl.constexpr, ANTI: tl.constexpr):
-    """``A [i, j] = sum_k q_ik k_jk exp(c_ik - c_jk)`` over every channel, ``i`` seeing ``j`` inside
-    the sub-chunk of times ``t`` (else 0), ``KC`` channels at a time read from memory."""
-    rows = bos + t
-    A = tl.zeros([SUB, SUB], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, KC)):
-        ck = i_k * KC + tl.arange(0, KC)
-        b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
-        b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
-        b_c = tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, SUB, 2, ANTI), 0)
-        A += tl.sum(b_q[:, None, :] * b_k[None, :, :] * _decay3(b_c, SUB, ANTI), 2)
-    return A
+def _vec(p, row, ok, cols, D: tl.constexpr, stride):
+    """Row ``row`` (a scalar), columns ``cols`` of a ``[rows, D]`` view with row stride ``stride``; zeros outside."""
+    return tl.load(p + row * stride + cols, mask=cols < tl.where(ok, D, 0), other=0.0)
+
+
+@triton.jit
+def _gate_exp(g, bos, t, ok, Tn, i_h, cols, H: tl.constexpr, K: tl.constexpr, ANTI: tl.constexpr):
+    """``exp`` of the log gate of the row of time ``t`` (a scalar), as :func:`_gate` reads it: ``[len(cols)]``."""
+    if ANTI:
+        m = ok & (t + 1 < Tn)
+        r = bos + t + 1
+    else:
+        m = ok
+        r = bos + t
+    return tl.exp(_vec(g + i_h * K, r, m, cols, K, H * K).to(tl.float32))
 
 
 @triton.jit
@@ -140,15 +146,36 @@ def _diag_kernel(
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr, KC: tl.constexpr,
     ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """The diagonal block of sub-chunk ``m`` of chunk ``i_t``, head ``i_h`` in ``A`` (:func:`_diag_scores`)."""
+    """The diagonal block of sub-chunk ``m`` of chunk ``i_t``, head ``i_h`` in ``A``:
+    ``A_ij = sum_k q_ik k_jk exp(c_ik - c_jk)``, ``i`` seeing ``j``. One query row ``i`` at a time
+    (ascending), ``P [j, k] = k_jk exp(c_ik - c_jk)`` over the keys so far: ``P <- P * exp(g_i) + k_i``
+    (every factor <= 1, no three-dimensional decay), row ``i`` of ``A`` = ``P q_i``; ``KC`` channels
+    at a time."""
     M: tl.constexpr = BT // SUB
     i_t, m, i_h = tl.program_id(0) // M, tl.program_id(0) % M, tl.program_id(1)
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
-    t, valid = _rows_at(i_c * BT + m * SUB, Tn, SUB, ANTI)
-    b_A = _diag_scores(q, k, g, bos, t, valid, Tn, i_h, H, K, SUB, KC, ANTI)
-    cols = m * SUB + tl.arange(0, SUB)
-    tl.store(A + ((bos + t) * H + i_h)[:, None] * BT + cols[None, :], b_A, mask=valid[:, None])
+    s0 = i_c * BT + m * SUB
+    t, valid = _rows_at(s0, Tn, SUB, ANTI)
+    r = tl.arange(0, SUB)
+    b_At = tl.zeros([SUB, SUB], dtype=tl.float32)  # A^T: [j, i]
+    for i_k in range(tl.cdiv(K, KC)):
+        ck = i_k * KC + tl.arange(0, KC)
+        b_k = _tile(k + i_h * K, bos + t, valid, ck, K, H * K).to(tl.float32)
+        b_P = tl.zeros([SUB, KC], dtype=tl.float32)
+        for i in tl.static_range(SUB):
+            t_i, ok_i = _row_at(s0, i, Tn, ANTI)
+            b_e = _gate_exp(g, bos, t_i, ok_i, Tn, i_h, ck, H, K, ANTI)
+            b_qi = _vec(q + i_h * K, bos + t_i, ok_i, ck, K, H * K).to(tl.float32)
+            b_P = b_P * b_e[None, :] + tl.where((r == i)[:, None], b_k, 0.0)
+            b_At += tl.where((r == i)[None, :], tl.sum(b_P * b_qi[None, :], 1)[:, None], 0.0)
+    if ANTI:
+        sees = r[None, :] > r[:, None]
+    else:
+        sees = r[None, :] >= r[:, None]
+    b_At = tl.where(sees, b_At, 0.0)
+    cols = m * SUB + r
+    tl.store(A + ((bos + t) * H + i_h)[None, :] * BT + cols[:, None], b_At, mask=valid[None, :])
 
 
 @triton.jit
@@ -216,8 +243,14 @@ def _dqk_diag_kernel(
     SUB: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """The diagonal sub-chunk blocks' part of dq and dk / scale (fp32) for sub-chunk ``m`` of chunk
-    ``i_t``, head ``i_h``, channels ``i_k``: ``dA = do v^T`` inside the sub-chunk (from :func:`_dA_kernel`, masked),
-    ``dqd_ik = sum_j dA_ij k_jk E_ijk`` and ``dkd_jk = sum_i dA_ij q_ik E_ijk`` (:func:`_decay3`)."""
+    ``i_t``, head ``i_h``, channels ``i_k``: ``dA = do v^T`` inside the sub-chunk (from :func:`_dA_kernel`,
+    ``i`` seeing ``j``), ``dqd_ik = sum_j dA_ij k_jk exp(c_ik - c_jk)`` and ``dkd_jk = sum_i dA_ij q_ik
+    exp(c_ik - c_jk)``, by Horner's rule over the 16 rows (every factor ``exp(g) <= 1``)::
+
+        dqd <- where(i >= j, dqd * exp(g_j) + dA[:, j] k_j, dqd)        j = 0, 1, ..., 15
+        dkd <- where(j <= i, dkd * exp(g_i+1) + dA[i, :] q_i, dkd)      i = 15, 14, ..., 0
+
+    (rows of the tile: ``i`` for dqd, ``j`` for dkd; ``dA`` read one column / row at a time)."""
     M: tl.constexpr = BT // SUB
     NK: tl.constexpr = (K + BK - 1) // BK
     pid = tl.program_id(0)
@@ -225,16 +258,41 @@ def _dqk_diag_kernel(
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     ck = i_k * BK + tl.arange(0, BK)
-    t, valid = _rows_at(i_c * BT + m * SUB, Tn, SUB, ANTI)
+    s0 = i_c * BT + m * SUB
+    t, valid = _rows_at(s0, Tn, SUB, ANTI)
     rows = bos + t
-    cols = m * SUB + tl.arange(0, SUB)
-    b_dA = tl.load(dA + (rows * H + i_h)[:, None] * BT + cols[None, :], mask=valid[:, None], other=0.0)
-    b_dA = tl.where(_keep(SUB, ANTI), b_dA, 0.0)
-    b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
-    b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
-    b_E = _decay3(tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, SUB, 2, ANTI), 0), SUB, ANTI)
-    _store(dqd + i_h * K, tl.sum(b_dA[:, :, None] * b_k[None, :, :] * b_E, 1), rows, valid, ck, K, H * K)
-    _store(dkd + i_h * K, tl.sum(b_dA[:, :, None] * b_q[:, None, :] * b_E, 0), rows, valid, ck, K, H * K)
+    r = tl.arange(0, SUB)
+    p_dA = dA + (rows * H + i_h) * BT + m * SUB  # [SUB]: the block's rows
+    b_dq = tl.zeros([SUB, BK], dtype=tl.float32)
+    b_dk = tl.zeros([SUB, BK], dtype=tl.float32)
+    for n in tl.static_range(SUB):
+        # dq: key j = n (ascending)
+        t_j, ok_j = _row_at(s0, n, Tn, ANTI)
+        b_kj = _vec(k + i_h * K, bos + t_j, ok_j, ck, K, H * K).to(tl.float32)
+        b_ej = _gate_exp(g, bos, t_j, ok_j, Tn, i_h, ck, H, K, ANTI)
+        if ANTI:
+            sees_q = r > n
+        else:
+            sees_q = r >= n
+        b_col = tl.load(p_dA + n, mask=valid & sees_q, other=0.0)  # dA[:, j]
+        b_dq = tl.where((r >= n)[:, None], b_dq * b_ej[None, :] + b_col[:, None] * b_kj[None, :], b_dq)
+        # dk: query i = SUB - 1 - n (descending)
+        i = SUB - 1 - n
+        t_i, ok_i = _row_at(s0, i, Tn, ANTI)
+        b_qi = _vec(q + i_h * K, bos + t_i, ok_i, ck, K, H * K).to(tl.float32)
+        if ANTI:
+            n_k = tl.where(ok_i, i, 0)
+        else:
+            n_k = tl.where(ok_i, i + 1, 0)
+        b_row = tl.load(dA + ((bos + t_i) * H + i_h) * BT + m * SUB + r, mask=r < n_k, other=0.0)  # dA[i, :]
+        if i < SUB - 1:
+            t_n, ok_n = _row_at(s0, i + 1, Tn, ANTI)
+            b_en = _gate_exp(g, bos, t_n, ok_n, Tn, i_h, ck, H, K, ANTI)
+            b_dk = tl.where((r <= i)[:, None], b_dk * b_en[None, :] + b_row[:, None] * b_qi[None, :], b_dk)
+        else:
+            b_dk = tl.where((r <= i)[:, None], b_row[:, None] * b_qi[None, :], b_dk)
+    _store(dqd + i_h * K, b_dq, rows, valid, ck, K, H * K)
+    _store(dkd + i_h * K, b_dk, rows, valid, ck, K, H * K)
 
 
 @triton.jit
