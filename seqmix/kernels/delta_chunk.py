@@ -30,8 +30,9 @@ in reverse with the state gradient ``dS`` in registers (``dS = dS_{n+1}`` on ent
     dS_n     = gamma_n dS_{n+1} - W_n^T dU_n + dS_n^out
 
 One program owns a block of state columns of one sequence and head; ``dS_n^out`` (below) is
-formed in the walk from the queries, gates and ``dO``; the walk stores every ``dS_{n+1}``, and ``dW``, ``dE`` and ``dgamma`` (sums over all columns) come after it from one
-program per chunk.
+formed in the walk from the queries, gates and ``dO``; the walk stores every ``dS_{n+1}``, and
+``dW``, ``dE`` and ``dgamma`` (sums over all columns) are formed from it in the within-chunk
+backward (one program per chunk), which reads them nowhere else.
 
 The queries' reads (``_read_fwd_kernel``, one program per chunk and head), with
 ``Attn = (Q K^T) * exp(G_i - G_j) [j <= i]`` and ``Qd = Q * exp(G)``::
@@ -60,7 +61,7 @@ from torch import Tensor
 FWD_BV, BWD_BV = 64, 64  # BWD_BV 64: 1.53 ms against 1.86 at 32 (sweep_launch_delta_5ebb97a.log)
 NUM_WARPS = 4
 FWD_STAGES, BWD_STAGES = 2, 1
-GRAD_BV, GRAD_WARPS = 32, 8
+GRAD_BV = 32  # state columns at a time of dW, dE, dgamma in the solve's backward
 # within chunks: key and value columns at a time (SOLVE_BD); the backward took 2.9 ms at 4 warps and 1 stage,
 # 3.9 at 8 and 3 (H100, T = 8K, sweep_solve_delta_257c64c.log)
 SOLVE_FWD_WARPS, SOLVE_FWD_STAGES, SOLVE_BWD_WARPS, SOLVE_BWD_STAGES, SOLVE_BD = 4, 3, 4, 1, 64
@@ -177,17 +178,15 @@ def _bwd_kernel(
 
 
 @triton.jit
-def _grads_kernel(
-    states, u, du0, dnext, dw, de, dgamma,
-    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOW: tl.constexpr,
-):
-    """Chunk ``idx``'s ``dW = -dU0 S_n^T``, ``dE = U dS_{n+1}^T``, ``dgamma = <S_n, dS_{n+1}>``,
-    summing over the state's column blocks."""
-    idx = tl.program_id(0).to(tl.int64)
-    rc, ck = tl.arange(0, C), tl.arange(0, BK)
-    b_dw = tl.zeros([C, BK], dtype=tl.float32)
-    b_de = tl.zeros([C, BK], dtype=tl.float32)
-    b_dgamma = tl.zeros([BK], dtype=tl.float32)
+def _state_grads(states, u, du0, dnext, idx, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, c0,
+                 BD: tl.constexpr, BV: tl.constexpr, LOW: tl.constexpr):
+    """Chunk ``idx``'s ``dW = -dU0 S_n^T`` and ``dE = U dS_{n+1}^T`` in key columns ``[c0, c0 + BD)``
+    (``[C, BD]`` float32) and those columns' share of ``dgamma = <S_n, dS_{n+1}>``, summing over the
+    state's columns ``BV`` at a time."""
+    rc, ck = tl.arange(0, C), c0 + tl.arange(0, BD)
+    b_dw = tl.zeros([C, BD], dtype=tl.float32)
+    b_de = tl.zeros([C, BD], dtype=tl.float32)
+    b_dgamma = tl.zeros([BD], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         cv = i_v * BV + tl.arange(0, BV)
         b_S = _load(states, idx, K, V, ck, cv)
@@ -195,9 +194,7 @@ def _grads_kernel(
         b_dw -= _dot(_as(_load(du0, idx, C, V, rc, cv), LOW), tl.trans(b_S))
         b_de += _dot(_as(_load(u, idx, C, V, rc, cv), LOW), tl.trans(b_dn))
         b_dgamma += tl.sum(b_S.to(tl.float32) * b_dn.to(tl.float32), 1)
-    _store(dw, idx, C, K, rc, ck, b_dw)
-    _store(de, idx, C, K, rc, ck, b_de)
-    tl.store(dgamma + idx, tl.sum(b_dgamma, 0))
+    return b_dw, b_de, tl.sum(b_dgamma, 0)
 
 
 # ----------------------------------------------------------------------------- within chunks
@@ -347,16 +344,18 @@ def _solve_fwd_kernel(
 
 @triton.jit
 def _solve_bwd_kernel(
-    k, v, beta, g, tinv, dw, du0, de, dgamma, dk_in, dk, dv, dbeta, dg, S, N,
+    k, v, beta, g, tinv, states, u, du0, dnext, dk_in, dk, dv, dbeta, dg, S, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BD: tl.constexpr, PRECISE: tl.constexpr, HAS_DK_IN: tl.constexpr,
+    BD: tl.constexpr, GBV: tl.constexpr, LOW: tl.constexpr, PRECISE: tl.constexpr, HAS_DK_IN: tl.constexpr,
 ):
     """Gradients of chunk ``i_c``'s keys, values, betas and log gates from those of ``W, U0, E, gamma``
     (the module docstring's chain rule through ``T``), ``BD`` columns at a time: the keys' side
     (``dT = dW Rw^T``, ``P = K K^T``, row sums with ``dRw = T^T dW`` and ``dE``), the values' side
     (``dT += dU0 Ru^T``, ``dRu = T^T dU0``, ``dv``), ``dA = -strictly_lower(T^T dT T^T)``, then the
     keys' gradient (``dRw`` recomputed), plus ``dk_in`` (the reads' share, float32) if given; the
-    gradients are stored in their inputs' dtypes."""
+    gradients are stored in their inputs' dtypes. ``dW, dE, dgamma`` are formed here from the
+    entering state, ``U``, ``dU0`` and the leaving state's gradient (:func:`_state_grads`, ``GBV``
+    state columns at a time; ``dW, dE`` again for the keys' gradient) and never stored."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     idx = i_bh.to(tl.int64) * N + i_c
@@ -372,13 +371,15 @@ def _solve_bwd_kernel(
     k_drw = tl.zeros([C], dtype=tl.float32)
     k_de = tl.zeros([C], dtype=tl.float32)
     v_dru = tl.zeros([C], dtype=tl.float32)
+    b_dgamma = 0.0
     for c0 in range(0, BK, BD):
         b_k = _get(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD))
-        b_dw = _get(_tile_at(dw, idx, C, K, c0, BD))
+        b_dw, b_de, dgamma_part = _state_grads(states, u, du0, dnext, idx, K, V, C, c0, BD, GBV, LOW)
+        b_dgamma += dgamma_part
         b_dT += _mm(b_dw, tl.trans(b_k * scale_w[:, None]), PRECISE)
         b_P += _mm(b_k, tl.trans(b_k), PRECISE)
         k_drw += tl.sum(b_k * _mm(b_Tt, b_dw, PRECISE), 1)
-        k_de += tl.sum(b_k * _get(_tile_at(de, idx, C, K, c0, BD)), 1)
+        k_de += tl.sum(b_k * b_de, 1)
     for c0 in range(0, BV, BD):
         b_v = _get(_rows_at(v, i_b, i_c, S, i_h, H, V, C, c0, BD))
         b_du0 = _get(_tile_at(du0, idx, C, V, c0, BD))
@@ -393,15 +394,16 @@ def _solve_bwd_kernel(
     b_dAA = b_dP * b_P  # dA * A
     b_dbeta = tl.sum(b_dA * b_P * decay, 1) + tl.exp(b_G) * k_drw + v_dru
     b_dG = tl.sum(b_dAA, 1) - tl.sum(b_dAA, 0) + scale_w * k_drw - s_e
-    b_dG += tl.where(rc == C - 1, tl.sum(s_e, 0) + tl.exp(b_GC) * tl.load(dgamma + idx), 0.0)
+    b_dG += tl.where(rc == C - 1, tl.sum(s_e, 0) + tl.exp(b_GC) * b_dgamma, 0.0)
     b_dg = tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG  # suffix sums: G_i sums g_1..g_i
     tl.store(dbeta + offs, b_dbeta.to(dbeta.dtype.element_ty), mask=valid)
     tl.store(dg + offs, b_dg.to(dg.dtype.element_ty), mask=valid)
     b_dPs = b_dP + tl.trans(b_dP)
     for c0 in range(0, BK, BD):
+        b_dw, b_de, dgamma_part = _state_grads(states, u, du0, dnext, idx, K, V, C, c0, BD, GBV, LOW)
         b_dk = _mm(b_dPs, _get(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD)), PRECISE)
-        b_dk += _mm(b_Tt, _get(_tile_at(dw, idx, C, K, c0, BD)), PRECISE) * scale_w[:, None]
-        b_dk += _get(_tile_at(de, idx, C, K, c0, BD)) * to_end[:, None]
+        b_dk += _mm(b_Tt, b_dw, PRECISE) * scale_w[:, None]
+        b_dk += b_de * to_end[:, None]
         if HAS_DK_IN:
             b_dk += _get(_rows_at(dk_in, i_b, i_c, S, i_h, H, K, C, c0, BD))
         _put(_rows_at(dk, i_b, i_c, S, i_h, H, K, C, c0, BD), b_dk)
@@ -557,7 +559,7 @@ class ScanFunction(torch.autograd.Function):
                 q, k, g, states, u, do, dq, dk_read, dg_read, du, ctx.scale, S, N,
                 H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, num_warps=READ_BWD_WARPS,
             )
-        # the reverse walk, then dW, dE, dgamma per chunk
+        # the reverse walk
         du0, dnext = torch.empty(B, H, N, C, V, **f32), torch.empty(B, H, N, K, V, dtype=mid, device=dev)
         dh0 = torch.empty(n_seq, H, K, V, **f32)
         dht = None if dht is None else dht.contiguous()
@@ -569,19 +571,13 @@ class ScanFunction(torch.autograd.Function):
             num_stages=BWD_STAGES,
         )
         del du
-        dw, de, dgamma = torch.empty(B, H, N, C, K, **f32), torch.empty(B, H, N, C, K, **f32), torch.empty(B, H, N, **f32)
-        _, BV = _blocks(K, V, GRAD_BV)
-        _grads_kernel[(B * H * N,)](
-            states, u, du0, dnext, dw, de, dgamma, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, num_warps=GRAD_WARPS,
-        )
-        del dnext
         # within chunks, adding the reads' share of dk
         dk, dv, dbeta = (torch.empty_like(t) for t in (k, v, beta))
         dg = torch.empty_like(g, **f32) if dg_read is not None else torch.empty_like(g)
-        _solve_bwd_kernel[(N, B * H)](k, v, beta, g, tinv, dw, du0, de, dgamma, dk_read, dk, dv, dbeta, dg, S, N,
+        _solve_bwd_kernel[(N, B * H)](k, v, beta, g, tinv, states, u, du0, dnext, dk_read, dk, dv, dbeta, dg, S, N,
                                       H=H, K=K, V=V, C=C, BK=BK, BV=BVs, BD=min(BK, BVs, SOLVE_BD // 2 if precise else SOLVE_BD),
-                                      PRECISE=precise, HAS_DK_IN=dk_read is not None, num_warps=SOLVE_BWD_WARPS,
-                                      num_stages=SOLVE_BWD_STAGES)
+                                      GBV=min(BVs, GRAD_BV), LOW=low, PRECISE=precise, HAS_DK_IN=dk_read is not None,
+                                      num_warps=SOLVE_BWD_WARPS, num_stages=SOLVE_BWD_STAGES)
         if dg_read is not None:
             dg = (dg + dg_read).to(g.dtype)
         return dq, dk, dv, dbeta, dg, dh0.to(ctx.h0_dtype), None, None, None, None
