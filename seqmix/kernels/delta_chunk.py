@@ -66,7 +66,7 @@ GRAD_BV = 32  # state columns at a time of dW, dE, dgamma in the solve's backwar
 # 3.9 at 8 and 3 (H100, T = 8K, sweep_solve_delta_257c64c.log)
 SOLVE_FWD_WARPS, SOLVE_FWD_STAGES, SOLVE_BWD_WARPS, SOLVE_BWD_STAGES, SOLVE_BD = 4, 3, 4, 1, 64
 READ_FWD_BV, READ_FWD_WARPS = 128, 4  # 0.88 ms against 0.99 at 64 (same sweep)
-READ_BWD_BV, READ_BWD_WARPS = 64, 8  # 2.12 ms against 2.20 at 32
+READ_BWD_BV, READ_BWD_WARPS = 64, 8  # 2.12 ms against 2.20 at 32; float32: 32 (64 needs 288 KB of shared memory)
 _LOW = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' LOW: products' operand dtype
 
 
@@ -551,7 +551,7 @@ class ScanFunction(torch.autograd.Function):
         if q is None:
             do = None
         if do is not None:
-            BV = min(BVs, READ_BWD_BV)
+            BV = min(BVs, READ_BWD_BV if low else READ_BWD_BV // 2)
             do = do.contiguous()
             dq, dk_read, dg_read = torch.empty_like(q), torch.empty_like(k, **f32), torch.empty_like(g, **f32)
             du = torch.empty(u.shape, **f32)
