@@ -52,7 +52,7 @@ KB = 64  # channels per step of the scores between sub-chunks and of the state r
 SCORES_WARPS, SCORES_STAGES = 4, 1
 OUT_BV, OUT_WARPS, OUT_STAGES = 128, 4, 1  # columns per output program
 DQK_BK, DQK_WARPS, DQK_STAGES = 64, 8, 1  # channels per dq / dk / dg program (4 warps: illegal address on the H100, Triton 3.6)
-DQK_BV = 64  # columns per step of their reads of v, do and the states
+DQK_BV = 32  # columns per step of their reads of v, do and the states
 DIAG_BK, DIAG_WARPS = 64, 8  # channels per program of the diagonal blocks of dq / dk
 DIAG_A_WARPS, DIAG_A_STAGES = 4, 2  # programs of the diagonal blocks of A
 DA_BV, DA_WARPS, DA_STAGES = 64, 4, 2  # columns per step of dA = do v^T
@@ -299,7 +299,7 @@ def _dqk_diag_kernel(
 def _dqk_kernel(
     q, k, v, g, states, dstates, do, dA, dqd, dkd, dq, dk, dg, chunk_first, chunk_seq, cu_seqlens, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    SUB: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
+    SUB: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr, ROWS64: tl.constexpr,
 ):
     """dq, dk and dg of chunk ``i_t``, head ``i_h``, channels ``i_k``::
 
@@ -316,9 +316,16 @@ def _dqk_kernel(
     dt = k.dtype.element_ty
     ck = i_k * BK + tl.arange(0, BK)
     t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    rows = bos + t
+    # offsets inside the sequence in int32 (the sequence's start in the scalar base pointers) unless
+    # ROWS64: half the registers of the [BT, .] pointer tiles
+    rows = t.to(tl.int64) if ROWS64 else t
+    k, g, dk, dg, v = k + bos * H * K, g + bos * H * K, dk + bos * H * K, dg + bos * H * K, v + bos * H * V
+    if HAS_Q:
+        q, dq, dqd, dkd = q + bos * H * K, dq + bos * H * K, dqd + bos * H * K, dkd + bos * H * K
+        do, dA = do + bos * H * V, dA + bos * H * BT
+    states, dstates = states + (i_t.to(tl.int64) * H + i_h) * K * V, dstates + (i_t.to(tl.int64) * H + i_h) * K * V
     b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
-    b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI)
+    b_g = _gate(g, 0, rows, valid, Tn, i_h, ck, H, K, BT, 2, ANTI)
     b_c = tl.cumsum(b_g, 0)
     b_cl = tl.sum(b_g, 0)
     # state parts over columns BV at a time: dk_s = v dS'^T, dq_s = do S^T, <S, dS'> per row
@@ -328,8 +335,8 @@ def _dqk_kernel(
     for i_v in range(tl.cdiv(V, BV)):
         cv = i_v * BV + tl.arange(0, BV)
         b_v = _tile(v + i_h * V, rows, valid, cv, V, H * V)
-        b_S = _state_tile(states, i_t, i_h, ck, cv, H, K, V)
-        b_dS = _state_tile(dstates, i_t, i_h, ck, cv, H, K, V)
+        b_S = _tile(states, ck, ck < K, cv, V, V)  # the chunk's [K, V] state (the base pointers at it)
+        b_dS = _tile(dstates, ck, ck < K, cv, V, V)
         b_dks += _dot_split(b_v, tl.trans(b_dS), False)
         b_SdS += tl.sum(b_S * b_dS, 1)
         if HAS_Q:
@@ -339,26 +346,25 @@ def _dqk_kernel(
     # <dS', S'> with S' = diag(exp(c_L)) S + (k * exp(c_L - c))^T v: exp(c_L) <S, dS'> + sum_j k_j * dk_j
     # (the state part of dk), carried into the gate's gradient of every row of the chunk
     b_carry = tl.exp(b_cl) * b_SdS + tl.sum(b_k * b_dks, 0)
+    # dk: the state part and the diagonal blocks', then the products between sub-chunks (no other accumulator live)
+    b_dk = b_dks
     b_x = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     if HAS_Q:
+        b_dk += scale * _tile(dkd + i_h * K, rows, valid, ck, K, H * K)
         b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
         b_dA = _scores_tile(dA, rows, valid, i_h, H, BT).to(dt)  # do v^T
-        b_dq = _tile(dqd + i_h * K, rows, valid, ck, K, H * K)  # dq and dk / scale from the diagonal blocks
-        b_dk = _tile(dkd + i_h * K, rows, valid, ck, K, H * K)
-        for I in tl.static_range(1, BT // SUB):
+        b_dq = scale * (b_dqs * tl.exp(b_c) + _tile(dqd + i_h * K, rows, valid, ck, K, H * K))
+        for I in range(1, BT // SUB):  # a loop, not unrolled: one step's tiles live
             in_I, before_I, b_I = _boundary(b_c, I, SUB, BT)
             b_eq = tl.exp(tl.where(in_I, b_c - b_I[None, :], float("-inf")))
             b_ek = tl.exp(tl.where(before_I, b_I[None, :] - b_c, float("-inf")))
-            b_dq += b_eq * _dot(b_dA, (b_k * b_ek).to(dt))
-            b_dk += b_ek * _dot(tl.trans(b_dA), (b_q * b_eq).to(dt))
-        b_dq = scale * (b_dqs * tl.exp(b_c) + b_dq)
+            b_dq += (scale * b_eq) * _dot(b_dA, (b_k * b_ek).to(dt))
+            b_dk += (scale * b_ek) * _dot(tl.trans(b_dA), (b_q * b_eq).to(dt))
         _store(dq + i_h * K, b_dq, rows, valid, ck, K, H * K)
         b_x = b_q * b_dq
-    b_dk = b_dks + scale * b_dk
     _store(dk + i_h * K, b_dk, rows, valid, ck, K, H * K)
     b_x -= b_k * b_dk
-    _store_gate_grad(dg, b_carry[None, :] + _suffix(b_x), rows, t, valid, Tn, i_h, ck, H, K, 2, ANTI)
+    _store_gate_grad(dg, b_carry[None, :] + _suffix(b_x), rows, rows, valid, Tn, i_h, ck, H, K, 2, ANTI)
 
 
 @triton.jit
@@ -457,7 +463,8 @@ def backward(q, k, v, g, states, dstates, do, chunks, scale: float, anticausal: 
         )
     _dqk_kernel[(chunks.count * triton.cdiv(K, BK), H)](
         q, k, v, g, states, dstates, do, dA, dqd, dkd, dq, dk, dg, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
-        BK=BK, BV=min(BVF, DQK_BV), SUB=SUB, num_warps=DQK_WARPS, num_stages=DQK_STAGES, **common,
+        BK=BK, BV=min(BVF, DQK_BV), SUB=SUB, ROWS64=k.shape[0] * T * H * max(K, V, BT) >= 2**31,
+        num_warps=DQK_WARPS, num_stages=DQK_STAGES, **common,
     )
     A = getattr(chunks, "scores", None)
     if A is None and q is not None:
