@@ -112,7 +112,7 @@ def _boundary(c, I, SUB: tl.constexpr, BT: tl.constexpr):
 def _scores_kernel(
     q, k, g, A, chunk_first, chunk_seq, cu_seqlens, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr, SUB: tl.constexpr,
-    ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
+    ANTI: tl.constexpr, IS_VARLEN: tl.constexpr, ROWS64: tl.constexpr,
 ):
     """``A [rows, H, BT]`` (fp32) of chunk ``i_t``, head ``i_h``: ``A [i, j]`` query ``i`` reading key
     ``j`` of the chunk. Between sub-chunks, one product per later sub-chunk ``I`` referenced at its
@@ -123,15 +123,16 @@ def _scores_kernel(
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     dt = k.dtype.element_ty
     t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    rows = bos + t
+    rows = t.to(tl.int64) if ROWS64 else t  # inside the sequence (int32 unless ROWS64): its start in the base pointers
+    q, k, g, A = q + bos * H * K, k + bos * H * K, g + bos * H * K, A + bos * H * BT
     r = tl.arange(0, BT)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, KB)):
         ck = i_k * KB + tl.arange(0, KB)
         b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
         b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
-        b_c = tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI), 0)
-        for I in tl.static_range(1, BT // SUB):
+        b_c = tl.cumsum(_gate(g, 0, rows, valid, Tn, i_h, ck, H, K, BT, 2, ANTI), 0)
+        for I in range(1, BT // SUB):  # a loop, not unrolled: one step's tiles live
             in_I, before_I, b_I = _boundary(b_c, I, SUB, BT)
             b_qI = (b_q * tl.exp(tl.where(in_I, b_c - b_I[None, :], float("-inf")))).to(dt)
             b_kI = (b_k * tl.exp(tl.where(before_I, b_I[None, :] - b_c, float("-inf")))).to(dt)
@@ -407,7 +408,7 @@ def scores(q: Tensor, k: Tensor, g: Tensor, chunks, anticausal: bool, BT: int) -
     _scores_kernel[(chunks.count, H)](
         q, k, g, A, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T,
         H=H, K=K, BT=BT, KB=min(KB, _pow2(K)), SUB=SUB, ANTI=anticausal,
-        IS_VARLEN=varlen, num_warps=SCORES_WARPS, num_stages=SCORES_STAGES,
+        IS_VARLEN=varlen, ROWS64=B * T * H * max(K, BT) >= 2**31, num_warps=SCORES_WARPS, num_stages=SCORES_STAGES,
     )
     _diag_kernel[(chunks.count * (BT // SUB), H)](
         q, k, g, A, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T,
