@@ -42,10 +42,12 @@ The queries' reads (``_read_fwd_kernel``, one program per chunk and head), with
 
 Layout: inputs ``[B, S, H, D]`` as the ops; chunk-major ``[B, H, N, C, D]`` (contiguous) for
 ``W, U0, E``, ``gamma [B, H, N]``, states ``[B, H, N, K, V]``. The three parts run under one autograd
-node (:func:`scan_chunks`), so the intermediates never meet autograd: ``W, E``, the entering states,
-``U`` and the leaving states' gradients, read only as products' operands (cast to the inputs' dtype
-there), are stored in that dtype for bfloat16 / float16 inputs; ``U0``, the reads' gradient
-``dU^out``, ``dU0, dW, dE``, ``gamma`` and ``T`` stay float32. Packed sequences
+node (:func:`scan_chunks`), so the intermediates never meet autograd: for bfloat16 / float16
+inputs ``W, E``, the entering states, ``U`` and the leaving states' gradients (read only as
+products' operands, cast to the inputs' dtype there) are stored in that dtype, and so are the
+gradients ``dU^out``, ``dU0`` and the reads' share of ``dk`` (rounded once more: in a CPU replay with
+round-to-nearest bf16, dv and dbeta errors rise ~20 %, dk ~10 %); ``U0``, ``gamma`` and ``T`` stay
+float32, and float32 inputs keep everything float32. Packed sequences
 (``chunk_offsets [N_seq + 1]``, ``B = 1``) occupy whole chunks: sequence ``i`` owns chunks
 ``[chunk_offsets[i], chunk_offsets[i + 1])``.
 """
@@ -352,7 +354,7 @@ def _solve_bwd_kernel(
     (the module docstring's chain rule through ``T``), ``BD`` columns at a time: the keys' side
     (``dT = dW Rw^T``, ``P = K K^T``, row sums with ``dRw = T^T dW`` and ``dE``), the values' side
     (``dT += dU0 Ru^T``, ``dRu = T^T dU0``, ``dv``), ``dA = -strictly_lower(T^T dT T^T)``, then the
-    keys' gradient (``dRw`` recomputed), plus ``dk_in`` (the reads' share, float32) if given; the
+    keys' gradient (``dRw`` recomputed), plus ``dk_in`` (the reads' share) if given; the
     gradients are stored in their inputs' dtypes. ``dW, dE, dgamma`` are formed here from the
     entering state, ``U``, ``dU0`` and the leaving state's gradient (:func:`_state_grads`, ``GBV``
     state columns at a time; ``dW, dE`` again for the keys' gradient) and never stored."""
@@ -488,8 +490,8 @@ def _blocks(K: int, V: int, max_bv: int) -> tuple[int, int]:
 
 
 def _mid_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Storage dtype of ``W, E``, the entering states, ``U`` and the leaving states' gradients: the
-    products' operand dtype (each was cast to it wherever it is read; float32 for float32 inputs)."""
+    """Storage dtype of the intermediates but ``U0``, ``gamma`` and ``T`` (module docstring): the
+    products' operand dtype (float32 for float32 inputs)."""
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
@@ -553,14 +555,14 @@ class ScanFunction(torch.autograd.Function):
         if do is not None:
             BV = min(BVs, READ_BWD_BV if low else READ_BWD_BV // 2)
             do = do.contiguous()
-            dq, dk_read, dg_read = torch.empty_like(q), torch.empty_like(k, **f32), torch.empty_like(g, **f32)
-            du = torch.empty(u.shape, **f32)
+            dq, dk_read, dg_read = torch.empty_like(q), torch.empty_like(k, dtype=mid), torch.empty_like(g, **f32)
+            du = torch.empty(u.shape, dtype=mid, device=dev)
             _read_bwd_kernel[(N, B * H)](
                 q, k, g, states, u, do, dq, dk_read, dg_read, du, ctx.scale, S, N,
                 H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, num_warps=READ_BWD_WARPS,
             )
         # the reverse walk
-        du0, dnext = torch.empty(B, H, N, C, V, **f32), torch.empty(B, H, N, K, V, dtype=mid, device=dev)
+        du0, dnext = torch.empty(B, H, N, C, V, dtype=mid, device=dev), torch.empty(B, H, N, K, V, dtype=mid, device=dev)
         dh0 = torch.empty(n_seq, H, K, V, **f32)
         dht = None if dht is None else dht.contiguous()
         _, BV = _blocks(K, V, BWD_BV)
