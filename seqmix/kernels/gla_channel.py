@@ -222,13 +222,15 @@ def _output_kernel(
 def _dA_kernel(
     v, do, dA, chunk_first, chunk_seq, cu_seqlens, T,
     H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
+    ROWS64: tl.constexpr,
 ):
     """``dA = do v^T [BT, BT]`` (fp32, unmasked) of chunk ``i_t``, head ``i_h``, stored as ``A``."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    rows = bos + t
+    rows = t.to(tl.int64) if ROWS64 else t  # inside the sequence (int32 unless ROWS64): its start in the base pointers
+    v, do, dA = v + bos * H * V, do + bos * H * V, dA + bos * H * BT
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         cv = i_v * BV + tl.arange(0, BV)
@@ -448,12 +450,13 @@ def backward(q, k, v, g, states, dstates, do, chunks, scale: float, anticausal: 
     # every row of a causal pass stores its gate's gradient; the anticausal pass never reads the first gate
     dg = torch.zeros_like(g) if anticausal or chunks.cu_seqlens is not None else torch.empty_like(g)
     common = dict(H=H, K=K, V=V, BT=BT, HAS_Q=q is not None, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None)
+    rows64 = B * T * H * max(K, V, BT) >= 2**31  # int64 row offsets inside a sequence
     dA = dqd = dkd = None
     if q is not None:
         dA = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
         _dA_kernel[(chunks.count, H)](
             v, do, dA, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, H=H, V=V, BT=BT, BV=min(BVF, DA_BV),
-            ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None, num_warps=DA_WARPS, num_stages=DA_STAGES,
+            ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None, ROWS64=rows64, num_warps=DA_WARPS, num_stages=DA_STAGES,
         )
         dqd, dkd = (torch.empty(B, T, H, K, dtype=torch.float32, device=k.device) for _ in range(2))
         BKD = min(BKF, DIAG_BK)
@@ -464,7 +467,7 @@ def backward(q, k, v, g, states, dstates, do, chunks, scale: float, anticausal: 
         )
     _dqk_kernel[(chunks.count * triton.cdiv(K, BK), H)](
         q, k, v, g, states, dstates, do, dA, dqd, dkd, dq, dk, dg, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
-        BK=BK, BV=min(BVF, DQK_BV), SUB=SUB, ROWS64=k.shape[0] * T * H * max(K, V, BT) >= 2**31,
+        BK=BK, BV=min(BVF, DQK_BV), SUB=SUB, ROWS64=rows64,
         num_warps=DQK_WARPS, num_stages=DQK_STAGES, **common,
     )
     A = getattr(chunks, "scores", None)
