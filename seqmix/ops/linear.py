@@ -94,7 +94,9 @@ def linear_attention(
             ``[m, K]``), or a callable on ``[..., K]``.
         normalize: divide by the normaliser (off for the un-normalised form, e.g. with ``identity``).
         backend: ``"reference"`` (quadratic), ``"chunked"`` (linear time, PyTorch), ``"triton"``
-            (linear time, the gated-linear-attention kernels with no gate), or ``"auto"`` (triton on
+            (linear time: noncausal with ``elu``, ``relu`` or ``identity`` and head dims <= 128 in
+            the fused kernels of :mod:`seqmix.kernels.linear_noncausal`, otherwise the
+            gated-linear-attention kernels with no gate), or ``"auto"`` (triton on
             CUDA, else chunked).
     Returns:
         ``o [B, T, H, V]``.
@@ -105,6 +107,13 @@ def linear_attention(
         if projection.shape[1] != q.shape[-1]:
             raise ValueError(f"projection has shape {list(projection.shape)}, expected [num_features, {q.shape[-1]}]")
     phi = feature_map_fn(feature_map, projection)
+    wants_triton = backend == "triton" or (backend == "auto" and q.device.type == "cuda")
+    if not causal and wants_triton and not kernels.unsupported(q, (q.shape[-1], v.shape[-1])):
+        from seqmix.kernels import linear_noncausal
+
+        if linear_noncausal.supports(feature_map, q.shape[-1], v.shape[-1]):
+            # fused: the feature maps and the normaliser inside the kernels (elu, relu, identity)
+            return linear_noncausal.linear_attention_noncausal(q, k, v, feature_map, normalize, eps)
     qf, kf = phi(q), phi(k)
     why_not = {"triton": reason} if (reason := kernels.unsupported(qf, (qf.shape[-1], v.shape[-1] + 1))) else {}
     backend = resolve_backend("linear_attention", backend, ("reference", "chunked", "triton"), q.device, why_not)
