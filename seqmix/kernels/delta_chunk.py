@@ -44,10 +44,11 @@ Layout: inputs ``[B, S, H, D]`` as the ops; chunk-major ``[B, H, N, C, D]`` (con
 ``W, U0, E``, ``gamma [B, H, N]``, states ``[B, H, N, K, V]``. The three parts run under one autograd
 node (:func:`scan_chunks`), so the intermediates never meet autograd: for bfloat16 / float16
 inputs ``W, E``, the entering states, ``U`` and the leaving states' gradients (read only as
-products' operands, cast to the inputs' dtype there) are stored in that dtype, and so are ``U0``
-and the gradients ``dU^out``, ``dU0`` and the reads' share of ``dk`` (rounded once more: in a CPU
-replay with round-to-nearest bf16, the final state's error rises ~25 %, o's ~5-15 %, dv and dbeta
-~20 %, dk ~10 %); ``gamma`` and ``T`` stay float32, and float32 inputs keep everything float32. Packed sequences
+products' operands, cast to the inputs' dtype there) are stored in that dtype, and so are the
+gradients ``dU^out``, ``dU0`` and the reads' share of ``dk`` (rounded once more: in a CPU replay with
+round-to-nearest bf16, dv and dbeta errors rise ~20 %, dk ~10 %); ``U0`` (in bf16 the gates'
+gradient error nearly doubles), ``gamma`` and ``T`` stay float32, and float32 inputs keep
+everything float32. Packed sequences
 (``chunk_offsets [N_seq + 1]``, ``B = 1``) occupy whole chunks: sequence ``i`` owns chunks
 ``[chunk_offsets[i], chunk_offsets[i + 1])``.
 """
@@ -490,7 +491,7 @@ def _blocks(K: int, V: int, max_bv: int) -> tuple[int, int]:
 
 
 def _mid_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Storage dtype of the intermediates but ``gamma`` and ``T`` (module docstring): the
+    """Storage dtype of the intermediates but ``U0``, ``gamma`` and ``T`` (module docstring): the
     products' operand dtype (float32 for float32 inputs)."""
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
@@ -509,7 +510,7 @@ class ScanFunction(torch.autograd.Function):
         f32 = dict(dtype=torch.float32, device=dev)
         # within chunks
         w, e = torch.empty(B, H, N, C, K, dtype=mid, device=dev), torch.empty(B, H, N, C, K, dtype=mid, device=dev)
-        u0 = torch.empty(B, H, N, C, V, dtype=mid, device=dev)
+        u0 = torch.empty(B, H, N, C, V, **f32)  # float32: in bf16 the gates' gradient error doubles (NC, T = 400 replay)
         gamma, tinv = torch.empty(B, H, N, **f32), torch.empty(B, H, N, C, C, **f32)
         _solve_fwd_kernel[(N, B * H)](k, v, beta, g, w, u0, e, gamma, tinv, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BVs,
                                       BD=min(BK, BVs, SOLVE_BD), PRECISE=precise, num_warps=SOLVE_FWD_WARPS,
