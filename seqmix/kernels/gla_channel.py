@@ -2,7 +2,7 @@
 
 The state passes (``_states_kernel``, forward and reverse) are shared with the per-head gate; this
 module holds what reads them. Forward: ``_scores_kernel`` and ``_diag_kernel`` write the chunk's
-scores ``A [rows, H, BT]`` (fp32, kept for the backward with the states), ``_output_kernel`` reads
+scores ``A [rows, H, BT]`` (in k's dtype, kept for the backward with the states), ``_output_kernel`` reads
 them. Backward: ``_dA_kernel`` writes ``dA = do v^T`` per chunk, ``_dqk_diag_kernel`` the diagonal
 blocks' share of dq and dk (fp32), ``_dqk_kernel`` the rest of dq, dk and dg, ``_dv_kernel`` dv.
 
@@ -114,7 +114,7 @@ def _scores_kernel(
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr, SUB: tl.constexpr,
     ANTI: tl.constexpr, IS_VARLEN: tl.constexpr, ROWS64: tl.constexpr,
 ):
-    """``A [rows, H, BT]`` (fp32) of chunk ``i_t``, head ``i_h``: ``A [i, j]`` query ``i`` reading key
+    """``A [rows, H, BT]`` (in A's dtype) of chunk ``i_t``, head ``i_h``: ``A [i, j]`` query ``i`` reading key
     ``j`` of the chunk. Between sub-chunks, one product per later sub-chunk ``I`` referenced at its
     start ``b``: ``(q * exp(c - b))`` over the rows of ``I`` times ``(k * exp(b - c))`` over the rows
     before it (channels ``KB`` at a time); not the diagonal blocks (:func:`_diag_kernel`)."""
@@ -402,10 +402,16 @@ def _dv_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def scores(q: Tensor, k: Tensor, g: Tensor, chunks, anticausal: bool, BT: int) -> Tensor:
-    """``_scores_kernel`` over every chunk: ``A [B, T, H, BT]`` (fp32)."""
+def _scores_dtype(k: Tensor, v: Tensor) -> torch.dtype:
+    """The scores' storage: k's dtype when v's is the same (the outputs and dv read them only as
+    operands in that dtype: stored rounded as they would be read, half the bytes), else float32."""
+    return k.dtype if k.dtype == v.dtype else torch.float32
+
+
+def scores(q: Tensor, k: Tensor, g: Tensor, chunks, anticausal: bool, BT: int, dtype=torch.float32) -> Tensor:
+    """``_scores_kernel`` and ``_diag_kernel`` over every chunk: ``A [B, T, H, BT]`` in ``dtype``."""
     B, T, H, K = k.shape
-    A = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
+    A = torch.empty(B, T, H, BT, dtype=dtype, device=k.device)
     varlen = chunks.cu_seqlens is not None
     _scores_kernel[(chunks.count, H)](
         q, k, g, A, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T,
@@ -426,7 +432,7 @@ def outputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor, states: Tensor, chunks, 
     B, T, H, K = q.shape
     V = v.shape[-1]
     BV = min(_pow2(V), OUT_BV)
-    A = scores(q, k, g, chunks, anticausal, BT)
+    A = scores(q, k, g, chunks, anticausal, BT, _scores_dtype(k, v))
     if gla_chunk.SAVE_STATES:  # kept with the chunks (ctx.chunks) for the backward, as the states are
         chunks.scores = A
     o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
@@ -472,7 +478,7 @@ def backward(q, k, v, g, states, dstates, do, chunks, scale: float, anticausal: 
     )
     A = getattr(chunks, "scores", None)
     if A is None and q is not None:
-        A = scores(q, k, g, chunks, anticausal, BT)
+        A = scores(q, k, g, chunks, anticausal, BT, _scores_dtype(k, v))
     _dv_kernel[(chunks.count * triton.cdiv(V, BV), H)](
         k, g, A, dstates, do, dv, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
         KB=min(KB, BKF), BV=BV, num_warps=DV_WARPS, num_stages=DV_STAGES, **common,
