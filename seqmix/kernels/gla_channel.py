@@ -220,33 +220,37 @@ def _output_kernel(
 
 @triton.jit
 def _dA_kernel(
-    v, do, dA, chunk_first, chunk_seq, cu_seqlens, T,
-    H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
-    ROWS64: tl.constexpr,
+    v, do, dA, dAd, chunk_first, chunk_seq, cu_seqlens, T,
+    H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, SUB: tl.constexpr, ANTI: tl.constexpr,
+    IS_VARLEN: tl.constexpr, ROWS64: tl.constexpr,
 ):
-    """``dA = do v^T [BT, BT]`` (fp32, unmasked) of chunk ``i_t``, head ``i_h``, stored as ``A``."""
+    """``dA = do v^T [BT, BT]`` (unmasked) of chunk ``i_t``, head ``i_h``, stored as ``A`` in ``dA``'s dtype
+    (k's: :func:`_dqk_kernel` reads it only as an operand in that dtype), and its diagonal ``SUB x SUB``
+    blocks in fp32 as ``dAd [rows, H, SUB]`` (for :func:`_dqk_diag_kernel`)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
     rows = t.to(tl.int64) if ROWS64 else t  # inside the sequence (int32 unless ROWS64): its start in the base pointers
-    v, do, dA = v + bos * H * V, do + bos * H * V, dA + bos * H * BT
+    v, do, dA, dAd = v + bos * H * V, do + bos * H * V, dA + bos * H * BT, dAd + bos * H * SUB
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         cv = i_v * BV + tl.arange(0, BV)
         b_dA += _dot(_tile(do + i_h * V, rows, valid, cv, V, H * V), tl.trans(_tile(v + i_h * V, rows, valid, cv, V, H * V)))
     r = tl.arange(0, BT)
     tl.store(dA + (rows * H + i_h)[:, None] * BT + r[None, :], b_dA, mask=valid[:, None])
+    diag = (r // SUB)[:, None] == (r // SUB)[None, :]
+    tl.store(dAd + (rows * H + i_h)[:, None] * SUB + (r % SUB)[None, :], b_dA, mask=valid[:, None] & diag)
 
 
 @triton.jit
 def _dqk_diag_kernel(
-    q, k, g, dA, dqd, dkd, chunk_first, chunk_seq, cu_seqlens, T,
+    q, k, g, dAd, dqd, dkd, chunk_first, chunk_seq, cu_seqlens, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     SUB: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """The diagonal sub-chunk blocks' part of dq and dk / scale (fp32) for sub-chunk ``m`` of chunk
-    ``i_t``, head ``i_h``, channels ``i_k``: ``dA = do v^T`` inside the sub-chunk (from :func:`_dA_kernel`,
+    ``i_t``, head ``i_h``, channels ``i_k``: ``dA = do v^T`` inside the sub-chunk (``dAd`` from :func:`_dA_kernel`,
     ``i`` seeing ``j``), ``dqd_ik = sum_j dA_ij k_jk exp(c_ik - c_jk)`` and ``dkd_jk = sum_i dA_ij q_ik
     exp(c_ik - c_jk)``, by Horner's rule over the 16 rows (every factor ``exp(g) <= 1``)::
 
@@ -265,7 +269,7 @@ def _dqk_diag_kernel(
     t, valid = _rows_at(s0, Tn, SUB, ANTI)
     rows = bos + t
     r = tl.arange(0, SUB)
-    p_dA = dA + (rows * H + i_h) * BT + m * SUB  # [SUB]: the block's rows
+    p_dA = dAd + (rows * H + i_h) * SUB  # [SUB]: the block's rows
     b_dq = tl.zeros([SUB, BK], dtype=tl.float32)
     b_dk = tl.zeros([SUB, BK], dtype=tl.float32)
     for n in tl.static_range(SUB):
@@ -287,7 +291,7 @@ def _dqk_diag_kernel(
             n_k = tl.where(ok_i, i, 0)
         else:
             n_k = tl.where(ok_i, i + 1, 0)
-        b_row = tl.load(dA + ((bos + t_i) * H + i_h) * BT + m * SUB + r, mask=r < n_k, other=0.0)  # dA[i, :]
+        b_row = tl.load(dAd + ((bos + t_i) * H + i_h) * SUB + r, mask=r < n_k, other=0.0)  # dA[i, :]
         if i < SUB - 1:
             t_n, ok_n = _row_at(s0, i + 1, Tn, ANTI)
             b_en = _gate_exp(g, bos, t_n, ok_n, Tn, i_h, ck, H, K, ANTI)
@@ -459,15 +463,16 @@ def backward(q, k, v, g, states, dstates, do, chunks, scale: float, anticausal: 
     rows64 = B * T * H * max(K, V, BT) >= 2**31  # int64 row offsets inside a sequence
     dA = dqd = dkd = None
     if q is not None:
-        dA = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
+        dA = torch.empty(B, T, H, BT, dtype=k.dtype, device=k.device)
+        dAd = torch.empty(B, T, H, SUB, dtype=torch.float32, device=k.device)
         _dA_kernel[(chunks.count, H)](
-            v, do, dA, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, H=H, V=V, BT=BT, BV=min(BVF, DA_BV),
+            v, do, dA, dAd, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, H=H, V=V, BT=BT, BV=min(BVF, DA_BV), SUB=SUB,
             ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None, ROWS64=rows64, num_warps=DA_WARPS, num_stages=DA_STAGES,
         )
         dqd, dkd = (torch.empty(B, T, H, K, dtype=torch.float32, device=k.device) for _ in range(2))
         BKD = min(BKF, DIAG_BK)
         _dqk_diag_kernel[(chunks.count * (BT // SUB) * triton.cdiv(K, BKD), H)](
-            q, k, g, dA, dqd, dkd, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, H=H, K=K, BT=BT,
+            q, k, g, dAd, dqd, dkd, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, H=H, K=K, BT=BT,
             BK=BKD, SUB=SUB, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None,
             num_warps=DIAG_WARPS, num_stages=1,
         )
