@@ -35,6 +35,7 @@ FEATURE_MAPS = {"identity": 0, "elu": 1, "relu": 2}
 MAX_DIM = 128  # K and V the fused path takes (whole rows per read program)
 READ_BT, READ_WARPS = 64, 8  # tokens per read program
 SUM_BT, SUM_BX, SUM_BY = 64, 128, 64  # tokens per step, state rows and columns per sum program
+SUM_WARPS = 8
 SUM_MIN_SPLIT = 512  # fewest tokens per split of the sums
 SUM_TARGET_PROGRAMS = 1024  # splits are added until a sum has this many programs
 
@@ -214,11 +215,9 @@ def _phi_sum(x: Tensor, y: Tensor, phi: int, den: Tensor | None, z: bool, vec: T
     _phi_sum_kernel[(splits, B * H, triton.cdiv(DX, BX) * triton.cdiv(DY, BY))](
         x, y, den if den is not None else out, vec if vec is not None else out, out, zout, T, split_len,
         H=H, DX=DX, DY=DY, BT=SUM_BT, BX=BX, BY=BY, PHI=phi, HAS_DEN=den is not None, Z=z, HAS_VEC=vec is not None,
-        num_warps=4,
+        num_warps=SUM_WARPS,
     )
-    if splits == 1:
-        return out[0], (zout[0] if z else None)
-    return out.sum(0), (zout.sum(0) if z else None)
+    return (out[0] if splits == 1 else out.sum(0)), ((zout[0] if splits == 1 else zout.sum(0)) if z else None)
 
 
 class LinearNoncausalFunction(torch.autograd.Function):
@@ -229,6 +228,7 @@ class LinearNoncausalFunction(torch.autograd.Function):
         B, T, H, K = q.shape
         V = v.shape[-1]
         S, z = _phi_sum(k, v, phi, None, normalize, None)
+        S = S.to(q.dtype)  # the reads take S in the inputs' dtype (bf16/fp16: fewer registers, no spill)
         o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
         den = torch.empty(B, T, H, dtype=torch.float32, device=q.device) if normalize else S
         _fwd_read_kernel[(triton.cdiv(T, READ_BT), B * H)](
