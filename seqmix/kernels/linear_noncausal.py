@@ -35,6 +35,9 @@ FEATURE_MAPS = {"identity": 0, "elu": 1, "relu": 2}
 MAX_DIM = 128  # K and V the fused path takes (whole rows per read program)
 READ_BT, READ_WARPS = 64, 8  # tokens per read program
 SUM_BT, SUM_BX, SUM_BY = 64, 128, 64  # tokens per step, state rows and columns per sum program
+# the backward's dq kernel recomputes phi(q) S instead of reading o (one [B, T, H, V] read less, ~0.1 ms
+# at 8K) if set; off: bf16 sm_90 then spills 680 B (255 regs) against 64 B reading o
+BWD_RECOMPUTE = False
 SUM_WARPS = 8
 SUM_MIN_SPLIT = 512  # fewest tokens per split of the sums
 SUM_TARGET_PROGRAMS = 1024  # splits are added until a sum has this many programs
@@ -141,9 +144,10 @@ def _fwd_read_kernel(
 def _bwd_q_kernel(
     q, do, o, den, S, z, dq, dden, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PHI: tl.constexpr, NORM: tl.constexpr,
+    PHI: tl.constexpr, NORM: tl.constexpr, RECOMPUTE: tl.constexpr,
 ):
-    """``dq = (g S^T + dden z) * phi'(q)`` with ``g = do / den``, ``dden = -(do . o) / den`` (stored, float32)."""
+    """``dq = (g S^T + dden z) * phi'(q)`` with ``g = do / den``, ``dden = -(do . o) / den`` (stored, float32);
+    if ``RECOMPUTE``, ``do . o = (do . phi(q) S) / den`` (o not read)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     t = i_t * BT + tl.arange(0, BT)
@@ -154,19 +158,26 @@ def _bwd_q_kernel(
     b_do = tl.load(do + rows[:, None] * (H * V) + i_h * V + cv[None, :], mask=m_v, other=0.0)
     b_St = tl.load(S + i_bh.to(tl.int64) * K * V + cv[:, None] + ck[None, :] * V,
                    mask=(cv < V)[:, None] & (ck < K)[None, :], other=0.0)
+    m_k = valid[:, None] & (ck < K)[None, :]
     if NORM:
-        b_o = tl.load(o + rows[:, None] * (H * V) + i_h * V + cv[None, :], mask=m_v, other=0.0)
         b_den = tl.load(den + rows * H + i_h, mask=valid, other=1.0)
         b_g = b_do.to(tl.float32) / b_den[:, None]
-        b_dden = -tl.sum(b_g * b_o.to(tl.float32), axis=1)
+        if RECOMPUTE:
+            b_S = tl.load(S + i_bh.to(tl.int64) * K * V + ck[:, None] * V + cv[None, :],
+                          mask=(ck < K)[:, None] & (cv < V)[None, :], other=0.0)
+            b_qr = tl.load(q + rows[:, None] * (H * K) + i_h * K + ck[None, :], mask=m_k, other=0.0)
+            b_num = _dot(_phi(b_qr, PHI).to(b_qr.dtype), b_S.to(b_qr.dtype))
+            b_dden = -tl.sum(b_g * b_num, axis=1) / b_den
+        else:
+            b_o = tl.load(o + rows[:, None] * (H * V) + i_h * V + cv[None, :], mask=m_v, other=0.0)
+            b_dden = -tl.sum(b_g * b_o.to(tl.float32), axis=1)
         tl.store(dden + rows * H + i_h, b_dden, mask=valid)
         b_dqf = _dot(b_g.to(b_do.dtype), b_St.to(b_do.dtype))
         b_z = tl.load(z + i_bh.to(tl.int64) * K + ck, mask=ck < K, other=0.0)
         b_dqf += b_dden[:, None] * b_z[None, :]
     else:
         b_dqf = _dot(b_do, b_St.to(b_do.dtype))
-    m_k = valid[:, None] & (ck < K)[None, :]
-    b_q = tl.load(q + rows[:, None] * (H * K) + i_h * K + ck[None, :], mask=m_k, other=0.0)
+    b_q = tl.load(q + rows[:, None] * (H * K) + i_h * K + ck[None, :], mask=m_k, other=0.0)  # late: fewer registers
     b_dq = b_dqf * _dphi(b_q, PHI)
     tl.store(dq + rows[:, None] * (H * K) + i_h * K + ck[None, :], b_dq.to(dq.dtype.element_ty), mask=m_k)
 
@@ -235,7 +246,7 @@ class LinearNoncausalFunction(torch.autograd.Function):
             q, S, z if normalize else S, o, den, eps, T,
             H=H, K=K, V=V, BT=READ_BT, BK=_pow2(K), BV=_pow2(V), PHI=phi, NORM=normalize, num_warps=READ_WARPS,
         )
-        ctx.save_for_backward(q, k, v, o, den if normalize else None, S, z)
+        ctx.save_for_backward(q, k, v, None if BWD_RECOMPUTE else o, den if normalize else None, S, z)
         ctx.phi, ctx.normalize = phi, normalize
         return o
 
@@ -249,8 +260,9 @@ class LinearNoncausalFunction(torch.autograd.Function):
         dq = torch.empty_like(q)
         dden = torch.empty(B, T, H, dtype=torch.float32, device=q.device) if norm else None
         _bwd_q_kernel[(triton.cdiv(T, READ_BT), B * H)](
-            q, do, o, den if norm else S, S, z if norm else S, dq, dden if norm else S, T,
-            H=H, K=K, V=V, BT=READ_BT, BK=_pow2(K), BV=_pow2(V), PHI=phi, NORM=norm, num_warps=READ_WARPS,
+            q, do, o if o is not None else S, den if norm else S, S, z if norm else S, dq, dden if norm else S, T,
+            H=H, K=K, V=V, BT=READ_BT, BK=_pow2(K), BV=_pow2(V), PHI=phi, NORM=norm, RECOMPUTE=o is None,
+            num_warps=READ_WARPS,
         )
         dS, dz = _phi_sum(q, do, phi, den, norm, dden)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
