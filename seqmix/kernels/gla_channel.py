@@ -2,7 +2,7 @@
 
 The state passes (``_states_kernel``, forward and reverse) are shared with the per-head gate; this
 module holds what reads them. Forward: ``_scores_kernel`` and ``_diag_kernel`` write the chunk's
-scores ``A [rows, H, BT]`` (in k's dtype, kept for the backward with the states), ``_output_kernel`` reads
+scores ``A [rows, H, BT]`` (fp32, kept for the backward with the states), ``_output_kernel`` reads
 them. Backward: ``_dA_kernel`` writes ``dA = do v^T`` per chunk, ``_dqk_diag_kernel`` the diagonal
 blocks' share of dq and dk (fp32), ``_dqk_kernel`` the rest of dq, dk and dg, ``_dv_kernel`` dv.
 
@@ -14,9 +14,8 @@ rows and the rows before it selected by masks::
     A += (q * exp(c - b_I) [rows of I]) (k * exp(b_I - c) [rows before I])^T
 
 Inside a sub-chunk (the diagonal ``16 x 16`` blocks) the decay differs per channel and cannot be
-split that way without exponents > 0, so the blocks are built exactly, one row of the sub-chunk at a
-time, by Horner's rule on ``exp(c_ik - c_jk) = prod_{j < r <= i} exp(g_rk)`` (every factor <= 1;
-no three-dimensional decay tensor)::
+split that way without exponents > 0, so the blocks are built exactly from the three-dimensional
+decay ``E [i, j, k] = exp(c_ik - c_jk) [i sees j]`` (every exponent <= 0, zero where masked)::
 
     A_ij = sum_k q_ik k_jk E_ijk,   dq_ik = sum_j dA_ij k_jk E_ijk,   dk_jk = sum_i dA_ij q_ik E_ijk
 
@@ -37,6 +36,7 @@ from seqmix.kernels.gla_chunk import (
     _dot,
     _dot_split,
     _gate,
+    _keep,
     _pow2,
     _sequence,
     _state_tile,
@@ -47,13 +47,13 @@ from seqmix.kernels.gla_chunk import (
 )
 
 SUB = 16  # rows of a sub-chunk
-KC = 128  # channels per step of the diagonal blocks of A
+KC = 32  # channels per step of the diagonal scores of the outputs and dv
 KB = 64  # channels per step of the scores between sub-chunks and of the state reads of the outputs and dv
 SCORES_WARPS, SCORES_STAGES = 4, 1
 OUT_BV, OUT_WARPS, OUT_STAGES = 128, 4, 1  # columns per output program
 DQK_BK, DQK_WARPS, DQK_STAGES = 64, 8, 1  # channels per dq / dk / dg program (4 warps: illegal address on the H100, Triton 3.6)
-DQK_BV = 32  # columns per step of their reads of v, do and the states
-DIAG_BK, DIAG_WARPS = 64, 8  # channels per program of the diagonal blocks of dq / dk
+DQK_BV = 64  # columns per step of their reads of v, do and the states
+DIAG_BK, DIAG_WARPS = 32, 4  # channels per program of the diagonal blocks of dq / dk
 DIAG_A_WARPS, DIAG_A_STAGES = 4, 2  # programs of the diagonal blocks of A
 DA_BV, DA_WARPS, DA_STAGES = 64, 4, 2  # columns per step of dA = do v^T
 DV_BV, DV_WARPS, DV_STAGES = 128, 4, 1  # columns per dv program
@@ -71,32 +71,26 @@ def _rows_at(s0, Tn, N: tl.constexpr, ANTI: tl.constexpr):
 
 
 @triton.jit
-def _row_at(s0, n: tl.constexpr, Tn, ANTI: tl.constexpr):
-    """Time index of the row at walk position ``s0 + n`` (reversed when ``ANTI``) and whether it is real."""
-    s = s0 + n
-    if ANTI:
-        t = Tn - 1 - s
-    else:
-        t = s
-    return t, s < Tn
+def _decay3(c, SUB: tl.constexpr, ANTI: tl.constexpr):
+    """``E [i, j, k] = exp(c_ik - c_jk)`` where row ``i`` sees row ``j``, else 0 (``c [SUB, BK]``)."""
+    keep = _keep(SUB, ANTI)
+    return tl.where(keep[:, :, None], tl.exp(tl.minimum(c[:, None, :] - c[None, :, :], 0.0)), 0.0)
 
 
 @triton.jit
-def _vec(p, row, ok, cols, D: tl.constexpr, stride):
-    """Row ``row`` (a scalar), columns ``cols`` of a ``[rows, D]`` view with row stride ``stride``; zeros outside."""
-    return tl.load(p + row * stride + cols, mask=cols < tl.where(ok, D, 0), other=0.0)
-
-
-@triton.jit
-def _gate_exp(g, bos, t, ok, Tn, i_h, cols, H: tl.constexpr, K: tl.constexpr, ANTI: tl.constexpr):
-    """``exp`` of the log gate of the row of time ``t`` (a scalar), as :func:`_gate` reads it: ``[len(cols)]``."""
-    if ANTI:
-        m = ok & (t + 1 < Tn)
-        r = bos + t + 1
-    else:
-        m = ok
-        r = bos + t
-    return tl.exp(_vec(g + i_h * K, r, m, cols, K, H * K).to(tl.float32))
+def _diag_scores(q, k, g, bos, t, valid, Tn, i_h, H: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr,
+                 KC: tl.constexpr, ANTI: tl.constexpr):
+    """``A [i, j] = sum_k q_ik k_jk exp(c_ik - c_jk)`` over every channel, ``i`` seeing ``j`` inside
+    the sub-chunk of times ``t`` (else 0), ``KC`` channels at a time read from memory."""
+    rows = bos + t
+    A = tl.zeros([SUB, SUB], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, KC)):
+        ck = i_k * KC + tl.arange(0, KC)
+        b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+        b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+        b_c = tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, SUB, 2, ANTI), 0)
+        A += tl.sum(b_q[:, None, :] * b_k[None, :, :] * _decay3(b_c, SUB, ANTI), 2)
+    return A
 
 
 @triton.jit
@@ -112,9 +106,9 @@ def _boundary(c, I, SUB: tl.constexpr, BT: tl.constexpr):
 def _scores_kernel(
     q, k, g, A, chunk_first, chunk_seq, cu_seqlens, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr, SUB: tl.constexpr,
-    ANTI: tl.constexpr, IS_VARLEN: tl.constexpr, ROWS64: tl.constexpr,
+    ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """``A [rows, H, BT]`` (in A's dtype) of chunk ``i_t``, head ``i_h``: ``A [i, j]`` query ``i`` reading key
+    """``A [rows, H, BT]`` (fp32) of chunk ``i_t``, head ``i_h``: ``A [i, j]`` query ``i`` reading key
     ``j`` of the chunk. Between sub-chunks, one product per later sub-chunk ``I`` referenced at its
     start ``b``: ``(q * exp(c - b))`` over the rows of ``I`` times ``(k * exp(b - c))`` over the rows
     before it (channels ``KB`` at a time); not the diagonal blocks (:func:`_diag_kernel`)."""
@@ -123,16 +117,15 @@ def _scores_kernel(
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     dt = k.dtype.element_ty
     t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    rows = t.to(tl.int64) if ROWS64 else t  # inside the sequence (int32 unless ROWS64): its start in the base pointers
-    q, k, g, A = q + bos * H * K, k + bos * H * K, g + bos * H * K, A + bos * H * BT
+    rows = bos + t
     r = tl.arange(0, BT)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, KB)):
         ck = i_k * KB + tl.arange(0, KB)
         b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
         b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
-        b_c = tl.cumsum(_gate(g, 0, rows, valid, Tn, i_h, ck, H, K, BT, 2, ANTI), 0)
-        for I in range(1, BT // SUB):  # a loop, not unrolled: one step's tiles live
+        b_c = tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI), 0)
+        for I in tl.static_range(1, BT // SUB):
             in_I, before_I, b_I = _boundary(b_c, I, SUB, BT)
             b_qI = (b_q * tl.exp(tl.where(in_I, b_c - b_I[None, :], float("-inf")))).to(dt)
             b_kI = (b_k * tl.exp(tl.where(before_I, b_I[None, :] - b_c, float("-inf")))).to(dt)
@@ -147,36 +140,15 @@ def _diag_kernel(
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr, KC: tl.constexpr,
     ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """The diagonal block of sub-chunk ``m`` of chunk ``i_t``, head ``i_h`` in ``A``:
-    ``A_ij = sum_k q_ik k_jk exp(c_ik - c_jk)``, ``i`` seeing ``j``. One query row ``i`` at a time
-    (ascending), ``P [j, k] = k_jk exp(c_ik - c_jk)`` over the keys so far: ``P <- P * exp(g_i) + k_i``
-    (every factor <= 1, no three-dimensional decay), row ``i`` of ``A`` = ``P q_i``; ``KC`` channels
-    at a time."""
+    """The diagonal block of sub-chunk ``m`` of chunk ``i_t``, head ``i_h`` in ``A`` (:func:`_diag_scores`)."""
     M: tl.constexpr = BT // SUB
     i_t, m, i_h = tl.program_id(0) // M, tl.program_id(0) % M, tl.program_id(1)
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
-    s0 = i_c * BT + m * SUB
-    t, valid = _rows_at(s0, Tn, SUB, ANTI)
-    r = tl.arange(0, SUB)
-    b_At = tl.zeros([SUB, SUB], dtype=tl.float32)  # A^T: [j, i]
-    for i_k in range(tl.cdiv(K, KC)):
-        ck = i_k * KC + tl.arange(0, KC)
-        b_k = _tile(k + i_h * K, bos + t, valid, ck, K, H * K).to(tl.float32)
-        b_P = tl.zeros([SUB, KC], dtype=tl.float32)
-        for i in tl.static_range(SUB):
-            t_i, ok_i = _row_at(s0, i, Tn, ANTI)
-            b_e = _gate_exp(g, bos, t_i, ok_i, Tn, i_h, ck, H, K, ANTI)
-            b_qi = _vec(q + i_h * K, bos + t_i, ok_i, ck, K, H * K).to(tl.float32)
-            b_P = b_P * b_e[None, :] + tl.where((r == i)[:, None], b_k, 0.0)
-            b_At += tl.where((r == i)[None, :], tl.sum(b_P * b_qi[None, :], 1)[:, None], 0.0)
-    if ANTI:
-        sees = r[None, :] > r[:, None]
-    else:
-        sees = r[None, :] >= r[:, None]
-    b_At = tl.where(sees, b_At, 0.0)
-    cols = m * SUB + r
-    tl.store(A + ((bos + t) * H + i_h)[None, :] * BT + cols[:, None], b_At, mask=valid[None, :])
+    t, valid = _rows_at(i_c * BT + m * SUB, Tn, SUB, ANTI)
+    b_A = _diag_scores(q, k, g, bos, t, valid, Tn, i_h, H, K, SUB, KC, ANTI)
+    cols = m * SUB + tl.arange(0, SUB)
+    tl.store(A + ((bos + t) * H + i_h)[:, None] * BT + cols[None, :], b_A, mask=valid[:, None])
 
 
 @triton.jit
@@ -220,44 +192,32 @@ def _output_kernel(
 
 @triton.jit
 def _dA_kernel(
-    v, do, dA, dAd, chunk_first, chunk_seq, cu_seqlens, T,
-    H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, SUB: tl.constexpr, ANTI: tl.constexpr,
-    IS_VARLEN: tl.constexpr, ROWS64: tl.constexpr,
+    v, do, dA, chunk_first, chunk_seq, cu_seqlens, T,
+    H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """``dA = do v^T [BT, BT]`` (unmasked) of chunk ``i_t``, head ``i_h``, stored as ``A`` in ``dA``'s dtype
-    (k's: :func:`_dqk_kernel` reads it only as an operand in that dtype), and its diagonal ``SUB x SUB``
-    blocks in fp32 as ``dAd [rows, H, SUB]`` (for :func:`_dqk_diag_kernel`)."""
+    """``dA = do v^T [BT, BT]`` (fp32, unmasked) of chunk ``i_t``, head ``i_h``, stored as ``A``."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    rows = t.to(tl.int64) if ROWS64 else t  # inside the sequence (int32 unless ROWS64): its start in the base pointers
-    v, do, dA, dAd = v + bos * H * V, do + bos * H * V, dA + bos * H * BT, dAd + bos * H * SUB
+    rows = bos + t
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         cv = i_v * BV + tl.arange(0, BV)
         b_dA += _dot(_tile(do + i_h * V, rows, valid, cv, V, H * V), tl.trans(_tile(v + i_h * V, rows, valid, cv, V, H * V)))
     r = tl.arange(0, BT)
     tl.store(dA + (rows * H + i_h)[:, None] * BT + r[None, :], b_dA, mask=valid[:, None])
-    diag = (r // SUB)[:, None] == (r // SUB)[None, :]
-    tl.store(dAd + (rows * H + i_h)[:, None] * SUB + (r % SUB)[None, :], b_dA, mask=valid[:, None] & diag)
 
 
 @triton.jit
 def _dqk_diag_kernel(
-    q, k, g, dAd, dqd, dkd, chunk_first, chunk_seq, cu_seqlens, T,
+    q, k, g, dA, dqd, dkd, chunk_first, chunk_seq, cu_seqlens, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     SUB: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """The diagonal sub-chunk blocks' part of dq and dk / scale (fp32) for sub-chunk ``m`` of chunk
-    ``i_t``, head ``i_h``, channels ``i_k``: ``dA = do v^T`` inside the sub-chunk (``dAd`` from :func:`_dA_kernel`,
-    ``i`` seeing ``j``), ``dqd_ik = sum_j dA_ij k_jk exp(c_ik - c_jk)`` and ``dkd_jk = sum_i dA_ij q_ik
-    exp(c_ik - c_jk)``, by Horner's rule over the 16 rows (every factor ``exp(g) <= 1``)::
-
-        dqd <- where(i >= j, dqd * exp(g_j) + dA[:, j] k_j, dqd)        j = 0, 1, ..., 15
-        dkd <- where(j <= i, dkd * exp(g_i+1) + dA[i, :] q_i, dkd)      i = 15, 14, ..., 0
-
-    (rows of the tile: ``i`` for dqd, ``j`` for dkd; ``dA`` read one column / row at a time)."""
+    ``i_t``, head ``i_h``, channels ``i_k``: ``dA = do v^T`` inside the sub-chunk (from :func:`_dA_kernel`, masked),
+    ``dqd_ik = sum_j dA_ij k_jk E_ijk`` and ``dkd_jk = sum_i dA_ij q_ik E_ijk`` (:func:`_decay3`)."""
     M: tl.constexpr = BT // SUB
     NK: tl.constexpr = (K + BK - 1) // BK
     pid = tl.program_id(0)
@@ -265,48 +225,23 @@ def _dqk_diag_kernel(
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     ck = i_k * BK + tl.arange(0, BK)
-    s0 = i_c * BT + m * SUB
-    t, valid = _rows_at(s0, Tn, SUB, ANTI)
+    t, valid = _rows_at(i_c * BT + m * SUB, Tn, SUB, ANTI)
     rows = bos + t
-    r = tl.arange(0, SUB)
-    p_dA = dAd + (rows * H + i_h) * SUB  # [SUB]: the block's rows
-    b_dq = tl.zeros([SUB, BK], dtype=tl.float32)
-    b_dk = tl.zeros([SUB, BK], dtype=tl.float32)
-    for n in tl.static_range(SUB):
-        # dq: key j = n (ascending)
-        t_j, ok_j = _row_at(s0, n, Tn, ANTI)
-        b_kj = _vec(k + i_h * K, bos + t_j, ok_j, ck, K, H * K).to(tl.float32)
-        b_ej = _gate_exp(g, bos, t_j, ok_j, Tn, i_h, ck, H, K, ANTI)
-        if ANTI:
-            sees_q = r > n
-        else:
-            sees_q = r >= n
-        b_col = tl.load(p_dA + n, mask=valid & sees_q, other=0.0)  # dA[:, j]
-        b_dq = tl.where((r >= n)[:, None], b_dq * b_ej[None, :] + b_col[:, None] * b_kj[None, :], b_dq)
-        # dk: query i = SUB - 1 - n (descending)
-        i = SUB - 1 - n
-        t_i, ok_i = _row_at(s0, i, Tn, ANTI)
-        b_qi = _vec(q + i_h * K, bos + t_i, ok_i, ck, K, H * K).to(tl.float32)
-        if ANTI:
-            n_k = tl.where(ok_i, i, 0)
-        else:
-            n_k = tl.where(ok_i, i + 1, 0)
-        b_row = tl.load(dAd + ((bos + t_i) * H + i_h) * SUB + r, mask=r < n_k, other=0.0)  # dA[i, :]
-        if i < SUB - 1:
-            t_n, ok_n = _row_at(s0, i + 1, Tn, ANTI)
-            b_en = _gate_exp(g, bos, t_n, ok_n, Tn, i_h, ck, H, K, ANTI)
-            b_dk = tl.where((r <= i)[:, None], b_dk * b_en[None, :] + b_row[:, None] * b_qi[None, :], b_dk)
-        else:
-            b_dk = tl.where((r <= i)[:, None], b_row[:, None] * b_qi[None, :], b_dk)
-    _store(dqd + i_h * K, b_dq, rows, valid, ck, K, H * K)
-    _store(dkd + i_h * K, b_dk, rows, valid, ck, K, H * K)
+    cols = m * SUB + tl.arange(0, SUB)
+    b_dA = tl.load(dA + (rows * H + i_h)[:, None] * BT + cols[None, :], mask=valid[:, None], other=0.0)
+    b_dA = tl.where(_keep(SUB, ANTI), b_dA, 0.0)
+    b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+    b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+    b_E = _decay3(tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, SUB, 2, ANTI), 0), SUB, ANTI)
+    _store(dqd + i_h * K, tl.sum(b_dA[:, :, None] * b_k[None, :, :] * b_E, 1), rows, valid, ck, K, H * K)
+    _store(dkd + i_h * K, tl.sum(b_dA[:, :, None] * b_q[:, None, :] * b_E, 0), rows, valid, ck, K, H * K)
 
 
 @triton.jit
 def _dqk_kernel(
     q, k, v, g, states, dstates, do, dA, dqd, dkd, dq, dk, dg, chunk_first, chunk_seq, cu_seqlens, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    SUB: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr, ROWS64: tl.constexpr,
+    SUB: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """dq, dk and dg of chunk ``i_t``, head ``i_h``, channels ``i_k``::
 
@@ -323,16 +258,9 @@ def _dqk_kernel(
     dt = k.dtype.element_ty
     ck = i_k * BK + tl.arange(0, BK)
     t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    # offsets inside the sequence in int32 (the sequence's start in the scalar base pointers) unless
-    # ROWS64: half the registers of the [BT, .] pointer tiles
-    rows = t.to(tl.int64) if ROWS64 else t
-    k, g, dk, dg, v = k + bos * H * K, g + bos * H * K, dk + bos * H * K, dg + bos * H * K, v + bos * H * V
-    if HAS_Q:
-        q, dq, dqd, dkd = q + bos * H * K, dq + bos * H * K, dqd + bos * H * K, dkd + bos * H * K
-        do, dA = do + bos * H * V, dA + bos * H * BT
-    states, dstates = states + (i_t.to(tl.int64) * H + i_h) * K * V, dstates + (i_t.to(tl.int64) * H + i_h) * K * V
+    rows = bos + t
     b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
-    b_g = _gate(g, 0, rows, valid, Tn, i_h, ck, H, K, BT, 2, ANTI)
+    b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI)
     b_c = tl.cumsum(b_g, 0)
     b_cl = tl.sum(b_g, 0)
     # state parts over columns BV at a time: dk_s = v dS'^T, dq_s = do S^T, <S, dS'> per row
@@ -342,8 +270,8 @@ def _dqk_kernel(
     for i_v in range(tl.cdiv(V, BV)):
         cv = i_v * BV + tl.arange(0, BV)
         b_v = _tile(v + i_h * V, rows, valid, cv, V, H * V)
-        b_S = _tile(states, ck, ck < K, cv, V, V)  # the chunk's [K, V] state (the base pointers at it)
-        b_dS = _tile(dstates, ck, ck < K, cv, V, V)
+        b_S = _state_tile(states, i_t, i_h, ck, cv, H, K, V)
+        b_dS = _state_tile(dstates, i_t, i_h, ck, cv, H, K, V)
         b_dks += _dot_split(b_v, tl.trans(b_dS), False)
         b_SdS += tl.sum(b_S * b_dS, 1)
         if HAS_Q:
@@ -353,25 +281,26 @@ def _dqk_kernel(
     # <dS', S'> with S' = diag(exp(c_L)) S + (k * exp(c_L - c))^T v: exp(c_L) <S, dS'> + sum_j k_j * dk_j
     # (the state part of dk), carried into the gate's gradient of every row of the chunk
     b_carry = tl.exp(b_cl) * b_SdS + tl.sum(b_k * b_dks, 0)
-    # dk: the state part and the diagonal blocks', then the products between sub-chunks (no other accumulator live)
-    b_dk = b_dks
     b_x = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     if HAS_Q:
-        b_dk += scale * _tile(dkd + i_h * K, rows, valid, ck, K, H * K)
         b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
         b_dA = _scores_tile(dA, rows, valid, i_h, H, BT).to(dt)  # do v^T
-        b_dq = scale * (b_dqs * tl.exp(b_c) + _tile(dqd + i_h * K, rows, valid, ck, K, H * K))
-        for I in range(1, BT // SUB):  # a loop, not unrolled: one step's tiles live
+        b_dq = _tile(dqd + i_h * K, rows, valid, ck, K, H * K)  # dq and dk / scale from the diagonal blocks
+        b_dk = _tile(dkd + i_h * K, rows, valid, ck, K, H * K)
+        for I in tl.static_range(1, BT // SUB):
             in_I, before_I, b_I = _boundary(b_c, I, SUB, BT)
             b_eq = tl.exp(tl.where(in_I, b_c - b_I[None, :], float("-inf")))
             b_ek = tl.exp(tl.where(before_I, b_I[None, :] - b_c, float("-inf")))
-            b_dq += (scale * b_eq) * _dot(b_dA, (b_k * b_ek).to(dt))
-            b_dk += (scale * b_ek) * _dot(tl.trans(b_dA), (b_q * b_eq).to(dt))
+            b_dq += b_eq * _dot(b_dA, (b_k * b_ek).to(dt))
+            b_dk += b_ek * _dot(tl.trans(b_dA), (b_q * b_eq).to(dt))
+        b_dq = scale * (b_dqs * tl.exp(b_c) + b_dq)
         _store(dq + i_h * K, b_dq, rows, valid, ck, K, H * K)
         b_x = b_q * b_dq
+    b_dk = b_dks + scale * b_dk
     _store(dk + i_h * K, b_dk, rows, valid, ck, K, H * K)
     b_x -= b_k * b_dk
-    _store_gate_grad(dg, b_carry[None, :] + _suffix(b_x), rows, rows, valid, Tn, i_h, ck, H, K, 2, ANTI)
+    _store_gate_grad(dg, b_carry[None, :] + _suffix(b_x), rows, t, valid, Tn, i_h, ck, H, K, 2, ANTI)
 
 
 @triton.jit
@@ -406,21 +335,15 @@ def _dv_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _scores_dtype(k: Tensor, v: Tensor) -> torch.dtype:
-    """The scores' storage: k's dtype when v's is the same (the outputs and dv read them only as
-    operands in that dtype: stored rounded as they would be read, half the bytes), else float32."""
-    return k.dtype if k.dtype == v.dtype else torch.float32
-
-
-def scores(q: Tensor, k: Tensor, g: Tensor, chunks, anticausal: bool, BT: int, dtype=torch.float32) -> Tensor:
-    """``_scores_kernel`` and ``_diag_kernel`` over every chunk: ``A [B, T, H, BT]`` in ``dtype``."""
+def scores(q: Tensor, k: Tensor, g: Tensor, chunks, anticausal: bool, BT: int) -> Tensor:
+    """``_scores_kernel`` over every chunk: ``A [B, T, H, BT]`` (fp32)."""
     B, T, H, K = k.shape
-    A = torch.empty(B, T, H, BT, dtype=dtype, device=k.device)
+    A = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
     varlen = chunks.cu_seqlens is not None
     _scores_kernel[(chunks.count, H)](
         q, k, g, A, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T,
         H=H, K=K, BT=BT, KB=min(KB, _pow2(K)), SUB=SUB, ANTI=anticausal,
-        IS_VARLEN=varlen, ROWS64=B * T * H * max(K, BT) >= 2**31, num_warps=SCORES_WARPS, num_stages=SCORES_STAGES,
+        IS_VARLEN=varlen, num_warps=SCORES_WARPS, num_stages=SCORES_STAGES,
     )
     _diag_kernel[(chunks.count * (BT // SUB), H)](
         q, k, g, A, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T,
@@ -436,7 +359,7 @@ def outputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor, states: Tensor, chunks, 
     B, T, H, K = q.shape
     V = v.shape[-1]
     BV = min(_pow2(V), OUT_BV)
-    A = scores(q, k, g, chunks, anticausal, BT, _scores_dtype(k, v))
+    A = scores(q, k, g, chunks, anticausal, BT)
     if gla_chunk.SAVE_STATES:  # kept with the chunks (ctx.chunks) for the backward, as the states are
         chunks.scores = A
     o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
@@ -460,30 +383,27 @@ def backward(q, k, v, g, states, dstates, do, chunks, scale: float, anticausal: 
     # every row of a causal pass stores its gate's gradient; the anticausal pass never reads the first gate
     dg = torch.zeros_like(g) if anticausal or chunks.cu_seqlens is not None else torch.empty_like(g)
     common = dict(H=H, K=K, V=V, BT=BT, HAS_Q=q is not None, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None)
-    rows64 = B * T * H * max(K, V, BT) >= 2**31  # int64 row offsets inside a sequence
     dA = dqd = dkd = None
     if q is not None:
-        dA = torch.empty(B, T, H, BT, dtype=k.dtype, device=k.device)
-        dAd = torch.empty(B, T, H, SUB, dtype=torch.float32, device=k.device)
+        dA = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
         _dA_kernel[(chunks.count, H)](
-            v, do, dA, dAd, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, H=H, V=V, BT=BT, BV=min(BVF, DA_BV), SUB=SUB,
-            ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None, ROWS64=rows64, num_warps=DA_WARPS, num_stages=DA_STAGES,
+            v, do, dA, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, H=H, V=V, BT=BT, BV=min(BVF, DA_BV),
+            ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None, num_warps=DA_WARPS, num_stages=DA_STAGES,
         )
         dqd, dkd = (torch.empty(B, T, H, K, dtype=torch.float32, device=k.device) for _ in range(2))
         BKD = min(BKF, DIAG_BK)
         _dqk_diag_kernel[(chunks.count * (BT // SUB) * triton.cdiv(K, BKD), H)](
-            q, k, g, dAd, dqd, dkd, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, H=H, K=K, BT=BT,
+            q, k, g, dA, dqd, dkd, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, H=H, K=K, BT=BT,
             BK=BKD, SUB=SUB, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None,
             num_warps=DIAG_WARPS, num_stages=1,
         )
     _dqk_kernel[(chunks.count * triton.cdiv(K, BK), H)](
         q, k, v, g, states, dstates, do, dA, dqd, dkd, dq, dk, dg, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
-        BK=BK, BV=min(BVF, DQK_BV), SUB=SUB, ROWS64=rows64,
-        num_warps=DQK_WARPS, num_stages=DQK_STAGES, **common,
+        BK=BK, BV=min(BVF, DQK_BV), SUB=SUB, num_warps=DQK_WARPS, num_stages=DQK_STAGES, **common,
     )
     A = getattr(chunks, "scores", None)
     if A is None and q is not None:
-        A = scores(q, k, g, chunks, anticausal, BT, _scores_dtype(k, v))
+        A = scores(q, k, g, chunks, anticausal, BT)
     _dv_kernel[(chunks.count * triton.cdiv(V, BV), H)](
         k, g, A, dstates, do, dv, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
         KB=min(KB, BKF), BV=BV, num_warps=DV_WARPS, num_stages=DV_STAGES, **common,
