@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from seqmix.kernels import gla_chunk
 from seqmix.ops.delta import delta_rule, delta_rule_step
 from seqmix.ops.gla import gated_linear_attention, gla_step
+from seqmix.ops.linear import linear_attention
 from seqmix.patterns import Pattern
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 5e-3}
@@ -118,6 +119,15 @@ def _delta_call(x, pattern, backend):
     )
 
 
+def _linear_inputs(B, T, S, H, K, V, gen):
+    return dict(q=_randn(gen, B, T, H, K), k=_randn(gen, B, S, H, K), v=_randn(gen, B, S, H, V))
+
+
+def _linear_call(x, pattern, backend):
+    """``linear_attention`` (elu + 1 features, normalised): no state out."""
+    return linear_attention(x["q"], x["k"], x["v"], causal=pattern.causal, backend=backend), None
+
+
 DELTA_FAMILIES = [
     Family("delta, no gate", _delta_inputs(False), _delta_call),
     Family("delta, head gate", _delta_inputs(True), _delta_call),
@@ -137,6 +147,7 @@ FAMILIES = [
     Family("gla, head, segments", _gla_inputs("head"), _segments(_gla_call)),
     Family("gla, packed, segments", _packed(_gla_inputs("head")), _segments(_gla_call), (Pattern.CAUSAL_SELF,), packed=True),
     Family("gla, none, segments", _gla_inputs("none"), _segments(_gla_call)),
+    Family("linear, elu", _linear_inputs, _linear_call, (Pattern.NONCAUSAL_SELF, Pattern.NONCAUSAL_CROSS, Pattern.CAUSAL_SELF)),
 ] + DELTA_FAMILIES
 
 
@@ -156,9 +167,10 @@ def run(family: Family, x: dict, pattern: Pattern, backend: str, cot: dict) -> d
     """Outputs and gradients of ``<o, do> + <state, dstate>`` w.r.t. every input tensor."""
     leaves = {n: t.detach().requires_grad_() for n, t in x.items() if t is not None and t.is_floating_point()}
     o, s = family.call({**x, **leaves}, pattern, backend)
-    loss = (o.double() * cot["o"]).sum() + (s.double() * cot["state"]).sum()
+    loss = (o.double() * cot["o"]).sum() + (0 if s is None else (s.double() * cot["state"]).sum())
     grads = torch.autograd.grad(loss, list(leaves.values()))
-    return {"o": o.detach(), "state": s.detach()} | {f"d{n}": d for n, d in zip(leaves, grads)}
+    states = {} if s is None else {"state": s.detach()}
+    return {"o": o.detach()} | states | {f"d{n}": d for n, d in zip(leaves, grads)}
 
 
 def check(family: Family, pattern: Pattern, B: int, T: int, H: int, D: int, dtype: torch.dtype, seed: int) -> dict:
@@ -167,7 +179,9 @@ def check(family: Family, pattern: Pattern, B: int, T: int, H: int, D: int, dtyp
     x64 = family.make(B, T, S, H, D, D, gen)
     x = {n: (t.to(dtype) if t is not None and t.is_floating_point() else t) for n, t in x64.items()}
     x64 = {n: (t.double() if t is not None and t.is_floating_point() else t) for n, t in x.items()}  # rounded, exactly
-    cot = {"o": _randn(gen, *x["q"].shape[:3], D), "state": _randn(gen, *x["initial_state"].shape)}
+    cot = {"o": _randn(gen, *x["q"].shape[:3], D)}
+    if "initial_state" in x:
+        cot["state"] = _randn(gen, *x["initial_state"].shape)
     want = run(family, x64, pattern, "chunked", cot)
     poison([t.numel() * t.element_size() for t in want.values()])
     got = run(family, x, pattern, "triton", cot)
