@@ -65,6 +65,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from seqmix.kernels.shared_state import _dot
+
 # Launch shapes. The chunk length is the op's chunk_size (16 for per-channel gates).
 FWD_BV = 64  # state columns per forward walk
 BWD_BK = 64  # state rows per dq / dk walk
@@ -192,16 +194,6 @@ def _decayed(S, cl, GATE: tl.constexpr):
         out = S * tl.exp(cl)[:, None]
     else:
         out = S * tl.exp(cl)
-    return out
-
-
-@triton.jit
-def _dot(a, b):
-    """``a @ b`` in fp32; float32 operands to float32 accuracy (``tf32x3``)."""
-    if a.dtype == tl.float32:
-        out = tl.dot(a, b, input_precision="tf32x3")
-    else:
-        out = tl.dot(a, b)
     return out
 
 
