@@ -107,16 +107,16 @@ def linear_attention(
         if projection.shape[1] != q.shape[-1]:
             raise ValueError(f"projection has shape {list(projection.shape)}, expected [num_features, {q.shape[-1]}]")
     phi = feature_map_fn(feature_map, projection)
-    wants_triton = backend == "triton" or (backend == "auto" and q.device.type == "cuda")
-    if not causal and wants_triton and not kernels.unsupported(q, (q.shape[-1], v.shape[-1])):
+    dims = (q.shape[-1], v.shape[-1] + (1 if causal and normalize else 0))  # causal: the normaliser as a column
+    why_not = {"triton": reason} if (reason := kernels.unsupported(q, dims)) else {}
+    backend = resolve_backend("linear_attention", backend, ("reference", "chunked", "triton"), q.device, why_not)
+    if backend == "triton" and not causal:
         from seqmix.kernels import linear_noncausal
 
         if linear_noncausal.supports(feature_map, q.shape[-1], v.shape[-1]):
             # fused: the feature maps and the normaliser inside the kernels (elu, relu, identity)
             return linear_noncausal.linear_attention_noncausal(q, k, v, feature_map, normalize, eps)
     qf, kf = phi(q), phi(k)
-    why_not = {"triton": reason} if (reason := kernels.unsupported(qf, (qf.shape[-1], v.shape[-1] + 1))) else {}
-    backend = resolve_backend("linear_attention", backend, ("reference", "chunked", "triton"), q.device, why_not)
     if backend == "reference":
         return linear_attention_reference(qf, kf, v, causal=causal, normalize=normalize, eps=eps)
     return linear_attention_by_gla(qf, kf, v, causal=causal, normalize=normalize, eps=eps, backend=backend)
