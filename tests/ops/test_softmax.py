@@ -45,6 +45,7 @@ def test_reference_equals_brute_force(causal, window):
 @pytest.mark.parametrize("causal,T,S,window", [(True, 300, 300, 70), (True, 300, 300, 200), (False, 300, 300, 70),
                                                (False, 260, 300, 130), (False, 300, 140, 40),
                                                (True, 1500, 1500, 130), (False, 1500, 1400, 130)])
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose: CPU
 def test_flex_window_band_spans_blocks(causal, T, S, window):
     """The sliding-window block mask built from its band of 128-token blocks, on lengths of several
     blocks and windows across block edges (forward: FlexAttention has no backward on the CPU)."""
