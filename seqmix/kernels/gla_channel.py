@@ -60,17 +60,6 @@ DV_BV, DV_WARPS, DV_STAGES = 128, 4, 1  # columns per dv program
 
 
 @triton.jit
-def _rows_at(s0, Tn, N: tl.constexpr, ANTI: tl.constexpr):
-    """Time indices of the ``N`` rows from walk position ``s0`` (reversed when ``ANTI``) and which are real."""
-    s = s0 + tl.arange(0, N)
-    if ANTI:
-        t = Tn - 1 - s
-    else:
-        t = s
-    return t, s < Tn
-
-
-@triton.jit
 def _decay3(c, SUB: tl.constexpr, ANTI: tl.constexpr):
     """``E [i, j, k] = exp(c_ik - c_jk)`` where row ``i`` sees row ``j``, else 0 (``c [SUB, BK]``)."""
     keep = _keep(SUB, ANTI)
@@ -145,7 +134,7 @@ def _diag_kernel(
     i_t, m, i_h = tl.program_id(0) // M, tl.program_id(0) % M, tl.program_id(1)
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
-    t, valid = _rows_at(i_c * BT + m * SUB, Tn, SUB, ANTI)
+    t, valid = _chunk_rows(i_c * (BT // SUB) + m, Tn, SUB, ANTI)  # sub-chunk m of chunk i_c
     b_A = _diag_scores(q, k, g, bos, t, valid, Tn, i_h, H, K, SUB, KC, ANTI)
     cols = m * SUB + tl.arange(0, SUB)
     tl.store(A + ((bos + t) * H + i_h)[:, None] * BT + cols[None, :], b_A, mask=valid[:, None])
@@ -225,7 +214,7 @@ def _dqk_diag_kernel(
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     ck = i_k * BK + tl.arange(0, BK)
-    t, valid = _rows_at(i_c * BT + m * SUB, Tn, SUB, ANTI)
+    t, valid = _chunk_rows(i_c * (BT // SUB) + m, Tn, SUB, ANTI)  # sub-chunk m of chunk i_c
     rows = bos + t
     cols = m * SUB + tl.arange(0, SUB)
     b_dA = tl.load(dA + (rows * H + i_h)[:, None] * BT + cols[None, :], mask=valid[:, None], other=0.0)
