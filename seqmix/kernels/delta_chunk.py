@@ -124,24 +124,12 @@ def _as(x, LOW: tl.constexpr):
 
 
 @triton.jit
-def _chunk_decays(k, g, b, c, S, i_h, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, ck, LOW: tl.constexpr):
-    """Chunk ``c`` of batch row ``b``: ``E = diag(exp(G_C - G)) K [C, BK]`` in the products' dtype,
-    ``gamma = exp(G_C)`` and ``exp(G) [C]``, from the keys and log gates (``[B, S, H, *]``)."""
-    b_g, _, _ = _chunk_gate(g, b, c, S, i_h, H, C)
-    b_G = tl.cumsum(b_g, 0)
-    b_GC = tl.sum(b_g, 0)
-    b_e = _chunk_rows(k, b, c, S, i_h, H, K, C, ck) * tl.exp(b_GC - b_G)[:, None]
-    return _as(b_e, LOW), tl.exp(b_GC), tl.exp(b_G)
-
-
-@triton.jit
 def _fwd_kernel(
-    w, u0, k, g, h0, states, u, ht, chunk_offsets, S, N,
+    w, u0, e, gamma, h0, states, u, ht, chunk_offsets, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     LOW: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """States, pseudo-values and final state of columns ``i_v`` of one sequence and head (``E``
-    and ``gamma`` formed from ``k, g``: :func:`_chunk_decays`)."""
+    """States, pseudo-values and final state of columns ``i_v`` of one sequence and head."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     b, c0, c1 = _chunk_range(i_n, chunk_offsets, N, IS_VARLEN)
@@ -154,21 +142,20 @@ def _fwd_kernel(
         b_w = _as(_load(w, idx, C, K, rc, ck), LOW)
         b_u = _load(u0, idx, C, V, rc, cv).to(tl.float32) - _dot(b_w, b_S)  # [C, BV]
         _store(u, idx, C, V, rc, cv, b_u)
-        b_e, b_gamma, _ = _chunk_decays(k, g, b, c, S, i_h, H, K, C, ck, LOW)
-        b_S = b_gamma * b_S + _dot(tl.trans(b_e), b_u)
+        b_e = _as(_load(e, idx, C, K, rc, ck), LOW)
+        b_S = tl.load(gamma + idx) * b_S + _dot(tl.trans(b_e), b_u)
     _store(ht, i_nh.to(tl.int64), K, V, ck, cv, b_S)
 
 
 @triton.jit
 def _bwd_kernel(
-    w, k, q, g, do, du, dht, du0, dnext, dh0, chunk_offsets, scale, S, N,
+    w, e, gamma, q, g, do, du, dht, du0, dnext, dh0, chunk_offsets, scale, S, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     LOW: tl.constexpr, HAS_DO: tl.constexpr, HAS_DU: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """Columns ``i_v`` of one sequence and head, walking its chunks backward: ``dU0_n`` and the
     gradient of each chunk's leaving state ``dS_{n+1}`` (into ``dnext``), then ``dS_0``. The reads'
-    ``dS_n^out = scale * (Q * exp(G))^T dO`` is formed here from ``q, g, do`` (``HAS_DO``), ``E`` and
-    ``gamma`` from ``k, g``."""
+    ``dS_n^out = scale * (Q * exp(G))^T dO`` is formed here from ``q, g, do`` (``HAS_DO``)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     b, c0, c1 = _chunk_range(i_n, chunk_offsets, N, IS_VARLEN)
@@ -181,14 +168,14 @@ def _bwd_kernel(
         c = c1 - 1 - i
         idx = first + c
         _store(dnext, idx, K, V, ck, cv, b_dS)
-        b_e, b_gamma, b_eG = _chunk_decays(k, g, b, c, S, i_h, H, K, C, ck, LOW)
-        b_du = _dot(b_e, b_dS)  # [C, BV]
+        b_du = _dot(_as(_load(e, idx, C, K, rc, ck), LOW), b_dS)  # [C, BV]
         if HAS_DU:
             b_du += _load(du, idx, C, V, rc, cv).to(tl.float32)
         _store(du0, idx, C, V, rc, cv, b_du)
-        b_dS = b_gamma * b_dS - _dot(tl.trans(_as(_load(w, idx, C, K, rc, ck), LOW)), b_du)
+        b_dS = tl.load(gamma + idx) * b_dS - _dot(tl.trans(_as(_load(w, idx, C, K, rc, ck), LOW)), b_du)
         if HAS_DO:
-            b_qd = _chunk_rows(q, b, c, S, i_h, H, K, C, ck) * b_eG[:, None]
+            b_g, _, _ = _chunk_gate(g, b, c, S, i_h, H, C)
+            b_qd = _chunk_rows(q, b, c, S, i_h, H, K, C, ck) * tl.exp(tl.cumsum(b_g, 0))[:, None]
             b_do = _as(scale * _chunk_rows(do, b, c, S, i_h, H, V, C, cv), LOW)
             b_dS += _dot(_as(tl.trans(b_qd), LOW), b_do)
     _store(dh0, i_nh.to(tl.int64), K, V, ck, cv, b_dS)
@@ -332,11 +319,11 @@ def _unit_lower_inverse(p, C: tl.constexpr):
 
 @triton.jit
 def _solve_fwd_kernel(
-    k, v, beta, g, w, u0, tinv, S, N,
+    k, v, beta, g, w, u0, e, gamma, tinv, S, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BD: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    """Chunk ``i_c`` of batch and head ``i_bh``: ``T = (I + A)^{-1}``, ``W`` and ``U0``.
+    """Chunk ``i_c`` of batch and head ``i_bh``: ``T = (I + A)^{-1}``, ``W``, ``U0``, ``E``, ``gamma``.
     ``A`` is written where ``T`` goes and inverted there; the keys and values are taken ``BD``
     columns at a time."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
@@ -346,6 +333,7 @@ def _solve_fwd_kernel(
     b_beta, _, _ = _chunk_gate(beta, i_b, i_c, S, i_h, H, C)
     b_g, _, _ = _chunk_gate(g, i_b, i_c, S, i_h, H, C)
     b_G = tl.cumsum(b_g, 0)
+    b_GC = tl.sum(b_g, 0)
     b_P = tl.zeros([C, C], dtype=tl.float32)
     for c0 in tl.static_range(0, BK, BD):
         b_k = _get(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD))
@@ -356,13 +344,15 @@ def _solve_fwd_kernel(
     b_T = _unit_lower_inverse(p_t, C)
     tl.debug_barrier()  # every thread has read the diagonal inverses before T overwrites them
     tl.store(p_t + rc[:, None] * C + rc[None, :], b_T)
-    scale_w = b_beta * tl.exp(b_G)
+    scale_w, to_end = b_beta * tl.exp(b_G), tl.exp(b_GC - b_G)
     for c0 in tl.static_range(0, BK, BD):
         b_k = _get(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD))
         _put(_tile_at(w, idx, C, K, c0, BD), _mm(b_T, b_k * scale_w[:, None], PRECISE))
+        _put(_tile_at(e, idx, C, K, c0, BD), b_k * to_end[:, None])
     for c0 in tl.static_range(0, BV, BD):
         b_v = _get(_rows_at(v, i_b, i_c, S, i_h, H, V, C, c0, BD))
         _put(_tile_at(u0, idx, C, V, c0, BD), _mm(b_T, b_v * b_beta[:, None], PRECISE))
+    tl.store(gamma + idx, tl.exp(b_GC))
 
 
 @triton.jit
@@ -526,10 +516,10 @@ class ScanFunction(torch.autograd.Function):
         dev = k.device
         f32 = dict(dtype=torch.float32, device=dev)
         # within chunks
-        w = torch.empty(B, H, N, C, K, dtype=mid, device=dev)
+        w, e = torch.empty(B, H, N, C, K, dtype=mid, device=dev), torch.empty(B, H, N, C, K, dtype=mid, device=dev)
         u0 = torch.empty(B, H, N, C, V, **f32)  # float32: in bf16 the gates' gradient error doubles (NC, T = 400 replay)
-        tinv = torch.empty(B, H, N, C, C, **f32)
-        _solve_fwd_kernel[(N, B * H)](k, v, beta, g, w, u0, tinv, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BVs,
+        gamma, tinv = torch.empty(B, H, N, **f32), torch.empty(B, H, N, C, C, **f32)
+        _solve_fwd_kernel[(N, B * H)](k, v, beta, g, w, u0, e, gamma, tinv, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BVs,
                                       BD=min(BK, BVs, SOLVE_BD), PRECISE=precise, num_warps=SOLVE_FWD_WARPS,
                                       num_stages=SOLVE_FWD_STAGES)
         # across chunks
@@ -538,7 +528,7 @@ class ScanFunction(torch.autograd.Function):
         u = torch.empty(B, H, N, C, V, dtype=mid, device=dev)
         ht = torch.empty(n_seq, H, K, V, **f32)
         _fwd_kernel[(triton.cdiv(V, BV), n_seq * H)](
-            w, u0, k, g, h0, states, u, ht, chunk_offsets, S, N,
+            w, u0, e, gamma, h0, states, u, ht, chunk_offsets, N,
             H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, IS_VARLEN=chunk_offsets is not None,
             num_warps=NUM_WARPS, num_stages=FWD_STAGES,
         )
@@ -552,14 +542,14 @@ class ScanFunction(torch.autograd.Function):
                 q, k, g, states, u, o, scale, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low,
                 num_warps=READ_FWD_WARPS,
             )
-        ctx.save_for_backward(q, k, v, beta, g, tinv, w, states, u, chunk_offsets)
+        ctx.save_for_backward(q, k, v, beta, g, tinv, w, e, gamma, states, u, chunk_offsets)
         ctx.C, ctx.dtype, ctx.scale, ctx.h0_dtype, ctx.n_seq = C, dtype, scale, h0.dtype, n_seq
         ctx.set_materialize_grads(False)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, g, tinv, w, states, u, chunk_offsets = ctx.saved_tensors
+        q, k, v, beta, g, tinv, w, e, gamma, states, u, chunk_offsets = ctx.saved_tensors
         B, S, H, K = k.shape
         V, C, N, n_seq = v.shape[-1], ctx.C, triton.cdiv(S, ctx.C), ctx.n_seq
         BK, BVs = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
@@ -585,7 +575,7 @@ class ScanFunction(torch.autograd.Function):
         dht = None if dht is None else dht.contiguous()
         _, BV = _blocks(K, V, BWD_BV)
         _bwd_kernel[(triton.cdiv(V, BV), n_seq * H)](
-            w, k, q, g, do, du, dht, du0, dnext, dh0, chunk_offsets, ctx.scale, S, N,
+            w, e, gamma, q, g, do, du, dht, du0, dnext, dh0, chunk_offsets, ctx.scale, S, N,
             H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, HAS_DO=do is not None, HAS_DU=du is not None,
             HAS_DHT=dht is not None, IS_VARLEN=chunk_offsets is not None, num_warps=NUM_WARPS,
             num_stages=BWD_STAGES,
