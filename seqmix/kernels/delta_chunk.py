@@ -299,22 +299,21 @@ def _diagonal_inverses(p, C: tl.constexpr):
 
 @triton.jit
 def _unit_lower_inverse(p, C: tl.constexpr):
-    """``T = (I + A)^{-1} [C, C]`` float32 of the strictly lower ``A [C, C]`` at ``p`` (row-major,
-    zero upper part; ``C <= 64``), which is left holding the diagonal blocks' inverses ``D^{-1}``
-    (:func:`_diagonal_inverses`). With ``L = D^{-1} A_off`` (``A_off`` the blocks below the diagonal;
-    ``L`` strictly block-lower, so ``L^4 = 0`` for up to four blocks), ``I + A = D (I + L)`` and
-    ``T = (I - L)(I + L^2) D^{-1}``: four ``[C, C]`` products in registers to float32 accuracy
-    (``tf32x3``), no dependence between block rows."""
+    """``T = (I + A)^{-1}`` in place of the strictly lower ``A [C, C]`` at ``p`` (row-major, zero
+    upper part): the diagonal blocks' inverses (:func:`_diagonal_inverses`), then block row by block
+    row ``T_i,:i = -T_ii (A_i,:i T_:i,:i)`` with tensor-core products to float32 accuracy (``tf32x3``)."""
     _diagonal_inverses(p, C)
-    tl.debug_barrier()  # the diagonal blocks' inverses are in memory
-    rc = tl.arange(0, C)
-    b_M = tl.load(p + rc[:, None] * C + rc[None, :])
-    same = (rc[:, None] // 16) == (rc[None, :] // 16)
-    b_Dinv = tl.where(same, b_M, 0.0)
-    b_L = _mm(b_Dinv, tl.where(same, 0.0, b_M), True)
-    eye = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0)
-    b_R = _mm(eye + _mm(b_L, b_L, True), b_Dinv, True)  # (I + L^2) D^{-1}
-    return b_R - _mm(b_L, b_R, True)
+    r, rc = tl.arange(0, 16), tl.arange(0, C)
+    for i in tl.static_range(1, C // 16):
+        tl.debug_barrier()  # the rows above, and this block row's diagonal block, are final
+        rows = i * 16 + r
+        left = rc < i * 16
+        a_i = tl.load(p + rows[:, None] * C + rc[None, :], mask=left[None, :], other=0.0)  # [16, C]
+        t_above = tl.load(p + rc[:, None] * C + rc[None, :], mask=left[:, None], other=0.0)  # [C, C]
+        t_ii = tl.load(p + rows[:, None] * C + (i * 16 + r)[None, :])
+        t_i = -_mm(t_ii, _mm(a_i, t_above, True), True)
+        tl.store(p + rows[:, None] * C + rc[None, :], t_i, mask=left[None, :])
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -341,9 +340,8 @@ def _solve_fwd_kernel(
     p_t = tinv + idx * (C * C)
     tl.store(p_t + rc[:, None] * C + rc[None, :], b_P * b_beta[:, None] * _strict_decay(b_G, C))
     tl.debug_barrier()
-    b_T = _unit_lower_inverse(p_t, C)
-    tl.debug_barrier()  # every thread has read the diagonal inverses before T overwrites them
-    tl.store(p_t + rc[:, None] * C + rc[None, :], b_T)
+    _unit_lower_inverse(p_t, C)
+    b_T = tl.load(p_t + rc[:, None] * C + rc[None, :])
     scale_w, to_end = b_beta * tl.exp(b_G), tl.exp(b_GC - b_G)
     for c0 in tl.static_range(0, BK, BD):
         b_k = _get(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD))
