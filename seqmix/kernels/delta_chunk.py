@@ -67,8 +67,10 @@ FWD_STAGES, BWD_STAGES = 2, 1
 GRAD_BK, GRAD_BV, GRAD_WARPS, GRAD_STAGES = 64, 64, 4, 2  # dW, dE, dgamma: key columns per program, state columns at a time
 # within chunks: key and value columns at a time of the forward (SOLVE_BD); the backward took 2.9 ms at 4 warps and 1 stage,
 # 3.9 at 8 and 3 (H100, T = 8K, sweep_solve_delta_257c64c.log)
-SOLVE_FWD_WARPS, SOLVE_FWD_STAGES, SOLVE_BWD_WARPS, SOLVE_BWD_STAGES, SOLVE_BD = 4, 3, 4, 1, 64
-SOLVE_BWD_BD = 32  # the backward's columns at a time: 2.38 ms against 2.48 at 64 (H100, T = 8K, delta4 sweep)
+SOLVE_FWD_WARPS, SOLVE_FWD_STAGES, SOLVE_BWD_WARPS, SOLVE_BWD_STAGES, SOLVE_BD = 4, 3, 4, 2, 64
+# the backward's columns at a time and stages: 2.38 ms against 2.48 at 64 columns, 2.31 at 2 stages against 2.38 at 1
+# (H100, T = 8K, delta4 sweeps)
+SOLVE_BWD_BD = 32
 READ_FWD_BV, READ_FWD_WARPS = 128, 4  # 0.88 ms against 0.99 at 64 (same sweep)
 READ_BWD_BV, READ_BWD_WARPS = 64, 8  # 2.12 ms against 2.20 at 32; float32: 32 (64 needs 288 KB of shared memory)
 _LOW = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' LOW: products' operand dtype
@@ -285,21 +287,16 @@ def _diagonal_inverses(p, C: tl.constexpr):
     lower ``[C, C]`` row-major at ``p``: per block, forward substitution over its rows
     ``N_i = -a_i - sum_{j < i} a_ij N_j`` (``a_i`` row ``i`` of the block, read from memory), the
     inverse ``I + N``. All blocks at once in registers, each transposed (``Nt [C // 16, 16, 16]``,
-    ``Nt[b, c, j] = N_b[j, c]``) so that the sum over ``j`` runs along the last axis, within warps.
-    The 15 steps are unrolled and each row is loaded a step ahead, so its latency overlaps the chain."""
+    ``Nt[b, c, j] = N_b[j, c]``) so that the sum over ``j`` runs along the last axis, within warps."""
     NB: tl.constexpr = C // 16
     r = tl.arange(0, 16)
     corner = tl.arange(0, NB) * (16 * C + 16)  # offset of each diagonal block
     Nt = tl.zeros([NB, 16, 16], dtype=tl.float32)
+    for i in range(1, 16):
+        a = -tl.load(p + corner[:, None] + i * C + r[None, :])  # [NB, 16], zero from column i on
+        n = a + tl.sum(Nt * a[:, None, :], 2)
+        Nt = tl.where((r == i)[None, None, :], n[:, :, None], Nt)
     eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
-    rows = p + corner[:, None, None] + r[None, None, :]  # row 0 of each block, [NB, 1, 16]
-    a_next = -tl.load(rows + C)
-    for i in tl.static_range(1, 16):  # unrolled, each row loaded a step ahead of its use
-        a = a_next  # [NB, 1, 16], zero from column i on
-        if i < 15:
-            a_next = -tl.load(rows + (i + 1) * C)
-        n = tl.sum((Nt + eye[None, :, :]) * a, 2, keep_dims=True)  # a_c + sum_j Nt[:, c, j] a_j
-        Nt = tl.where((r == i)[None, None, :], n, Nt)
     tl.store(p + corner[:, None, None] + r[None, None, :] * C + r[None, :, None], Nt + eye[None, :, :])
 
 
