@@ -71,7 +71,6 @@ SOLVE_FWD_WARPS, SOLVE_FWD_STAGES, SOLVE_BWD_WARPS, SOLVE_BWD_STAGES, SOLVE_BD =
 # the backward's columns at a time and stages: 2.38 ms against 2.48 at 64 columns, 2.31 at 2 stages against 2.38 at 1
 # (H100, T = 8K, delta4 sweeps)
 SOLVE_BWD_BD = 32
-WU_BD, WU_WARPS, WU_STAGES = 64, 4, 1  # W, E, U0 from T: columns per program
 READ_FWD_BV, READ_FWD_WARPS = 128, 4  # 0.88 ms against 0.99 at 64 (same sweep)
 READ_BWD_BV, READ_BWD_WARPS = 64, 8  # 2.12 ms against 2.20 at 32; float32: 32 (64 needs 288 KB of shared memory)
 _LOW = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' LOW: products' operand dtype
@@ -321,38 +320,15 @@ def _unit_lower_inverse(p, C: tl.constexpr):
 
 
 @triton.jit
-def _inverse_kernel(
-    k, beta, g, tinv, S, N,
-    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, PRECISE: tl.constexpr,
+def _solve_fwd_kernel(
+    k, v, beta, g, w, u0, e, gamma, tinv, S, N,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BD: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    """Chunk ``i_c`` of batch and head ``i_bh``: ``T = (I + A)^{-1}`` into ``tinv`` (``A`` is written
-    there and inverted in place); the keys are taken ``BD`` columns at a time."""
+    """Chunk ``i_c`` of batch and head ``i_bh``: ``T = (I + A)^{-1}``, ``W``, ``U0``, ``E``, ``gamma``.
+    ``A`` is written where ``T`` goes and inverted there; the keys and values are taken ``BD``
+    columns at a time."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    idx = i_bh.to(tl.int64) * N + i_c
-    rc = tl.arange(0, C)
-    b_beta, _, _ = _chunk_gate(beta, i_b, i_c, S, i_h, H, C)
-    b_g, _, _ = _chunk_gate(g, i_b, i_c, S, i_h, H, C)
-    b_P = tl.zeros([C, C], dtype=tl.float32)
-    for c0 in tl.static_range(0, BK, BD):
-        b_k = _get(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD))
-        b_P += _mm(b_k, tl.trans(b_k), PRECISE)
-    p_t = tinv + idx * (C * C)
-    tl.store(p_t + rc[:, None] * C + rc[None, :], b_P * b_beta[:, None] * _strict_decay(tl.cumsum(b_g, 0), C))
-    tl.debug_barrier()
-    _unit_lower_inverse(p_t, C)
-
-
-@triton.jit
-def _wu_kernel(
-    k, v, beta, g, tinv, w, u0, e, gamma, S, N,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, PRECISE: tl.constexpr,
-):
-    """Chunk ``i_c`` of batch and head ``i_bh``, column block ``i_j`` of ``[W | U0]``: ``W = T (K *
-    beta exp(G))`` and ``E = K * exp(G_C - G)`` in key columns ``[i_j BD, (i_j + 1) BD)``, else
-    ``U0 = T (V * beta)`` in value columns ``[(i_j - cdiv(K, BD)) BD, ...)``; block 0 also writes
-    ``gamma = exp(G_C)``."""
-    i_j, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     idx = i_bh.to(tl.int64) * N + i_c
     rc = tl.arange(0, C)
@@ -360,19 +336,24 @@ def _wu_kernel(
     b_g, _, _ = _chunk_gate(g, i_b, i_c, S, i_h, H, C)
     b_G = tl.cumsum(b_g, 0)
     b_GC = tl.sum(b_g, 0)
-    b_T = _load(tinv, idx, C, C, rc, rc)
-    NKB: tl.constexpr = (K + BD - 1) // BD
-    if i_j < NKB:
-        c0 = i_j * BD
+    b_P = tl.zeros([C, C], dtype=tl.float32)
+    for c0 in tl.static_range(0, BK, BD):
         b_k = _get(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD))
-        _put(_tile_at(w, idx, C, K, c0, BD), _mm(b_T, b_k * (b_beta * tl.exp(b_G))[:, None], PRECISE))
-        _put(_tile_at(e, idx, C, K, c0, BD), b_k * tl.exp(b_GC - b_G)[:, None])
-    else:
-        c0 = (i_j - NKB) * BD
+        b_P += _mm(b_k, tl.trans(b_k), PRECISE)
+    p_t = tinv + idx * (C * C)
+    tl.store(p_t + rc[:, None] * C + rc[None, :], b_P * b_beta[:, None] * _strict_decay(b_G, C))
+    tl.debug_barrier()
+    _unit_lower_inverse(p_t, C)
+    b_T = tl.load(p_t + rc[:, None] * C + rc[None, :])
+    scale_w, to_end = b_beta * tl.exp(b_G), tl.exp(b_GC - b_G)
+    for c0 in tl.static_range(0, BK, BD):
+        b_k = _get(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD))
+        _put(_tile_at(w, idx, C, K, c0, BD), _mm(b_T, b_k * scale_w[:, None], PRECISE))
+        _put(_tile_at(e, idx, C, K, c0, BD), b_k * to_end[:, None])
+    for c0 in tl.static_range(0, BV, BD):
         b_v = _get(_rows_at(v, i_b, i_c, S, i_h, H, V, C, c0, BD))
         _put(_tile_at(u0, idx, C, V, c0, BD), _mm(b_T, b_v * b_beta[:, None], PRECISE))
-    if i_j == 0:
-        tl.store(gamma + idx, tl.exp(b_GC))
+    tl.store(gamma + idx, tl.exp(b_GC))
 
 
 @triton.jit
@@ -550,13 +531,9 @@ class ScanFunction(torch.autograd.Function):
         w, e = torch.empty(B, H, N, C, K, dtype=mid, device=dev), torch.empty(B, H, N, C, K, dtype=mid, device=dev)
         u0 = torch.empty(B, H, N, C, V, **f32)  # float32: in bf16 the gates' gradient error doubles (NC, T = 400 replay)
         gamma, tinv = torch.empty(B, H, N, **f32), torch.empty(B, H, N, C, C, **f32)
-        _inverse_kernel[(N, B * H)](k, beta, g, tinv, S, N, H=H, K=K, C=C, BK=BK, BD=min(BK, SOLVE_BD),
-                                    PRECISE=precise, num_warps=SOLVE_FWD_WARPS, num_stages=SOLVE_FWD_STAGES)
-        BD = min(BK, BVs, WU_BD)
-        _wu_kernel[(triton.cdiv(K, BD) + triton.cdiv(V, BD), N, B * H)](
-            k, v, beta, g, tinv, w, u0, e, gamma, S, N, H=H, K=K, V=V, C=C, BD=BD, PRECISE=precise,
-            num_warps=WU_WARPS, num_stages=WU_STAGES,
-        )
+        _solve_fwd_kernel[(N, B * H)](k, v, beta, g, w, u0, e, gamma, tinv, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BVs,
+                                      BD=min(BK, BVs, SOLVE_BD), PRECISE=precise, num_warps=SOLVE_FWD_WARPS,
+                                      num_stages=SOLVE_FWD_STAGES)
         # across chunks
         BV = _walk_bv(K, V, FWD_BV, n_seq * H, dev)
         states = torch.empty(B, H, N, K, V, dtype=mid, device=dev)
