@@ -498,17 +498,6 @@ def _blocks(K: int, V: int, max_bv: int) -> tuple[int, int]:
     return BK, BV
 
 
-def _walk_bv(K: int, V: int, max_bv: int, seq_heads: int, device: torch.device) -> int:
-    """State columns per program of a walk (:func:`_blocks`), halved (down to 16) while twice the
-    programs still fit the GPU's multiprocessors once each: few long sequences (e.g. 2 x 16 heads
-    at T = 32K) would otherwise leave half of them idle through a latency-bound walk."""
-    _, BV = _blocks(K, V, max_bv)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
-    while BV > 16 and 2 * triton.cdiv(V, BV) * seq_heads <= sms:
-        BV //= 2
-    return BV
-
-
 def _mid_dtype(dtype: torch.dtype) -> torch.dtype:
     """Storage dtype of the intermediates but ``U0``, ``gamma`` and ``T`` (module docstring): the
     products' operand dtype (float32 for float32 inputs)."""
@@ -535,7 +524,7 @@ class ScanFunction(torch.autograd.Function):
                                       BD=min(BK, BVs, SOLVE_BD), PRECISE=precise, num_warps=SOLVE_FWD_WARPS,
                                       num_stages=SOLVE_FWD_STAGES)
         # across chunks
-        BV = _walk_bv(K, V, FWD_BV, n_seq * H, dev)
+        _, BV = _blocks(K, V, FWD_BV)
         states = torch.empty(B, H, N, K, V, dtype=mid, device=dev)
         u = torch.empty(B, H, N, C, V, dtype=mid, device=dev)
         ht = torch.empty(n_seq, H, K, V, **f32)
@@ -585,7 +574,7 @@ class ScanFunction(torch.autograd.Function):
         du0, dnext = torch.empty(B, H, N, C, V, dtype=mid, device=dev), torch.empty(B, H, N, K, V, dtype=mid, device=dev)
         dh0 = torch.empty(n_seq, H, K, V, **f32)
         dht = None if dht is None else dht.contiguous()
-        BV = _walk_bv(K, V, BWD_BV, n_seq * H, dev)
+        _, BV = _blocks(K, V, BWD_BV)
         _bwd_kernel[(triton.cdiv(V, BV), n_seq * H)](
             w, e, gamma, q, g, do, du, dht, du0, dnext, dh0, chunk_offsets, ctx.scale, S, N,
             H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, HAS_DO=do is not None, HAS_DU=du is not None,
