@@ -30,9 +30,10 @@ in reverse with the state gradient ``dS`` in registers (``dS = dS_{n+1}`` on ent
     dS_n     = gamma_n dS_{n+1} - W_n^T dU_n + dS_n^out
 
 One program owns a block of state columns of one sequence and head; ``dS_n^out`` (below) is
-formed in the walk from the queries, gates and ``dO``; the walk stores every ``dS_{n+1}``, and
-``dW``, ``dE`` and ``dgamma`` (sums over all columns) are formed from it in the within-chunk
-backward (one program per chunk), which reads them nowhere else.
+formed in the walk from the queries, gates and ``dO``; the walk stores every ``dS_{n+1}`` and
+``dU0_n``. ``dW``, ``dE`` and ``dgamma`` (sums over all state columns) are then formed from those,
+the entering states and ``U`` by ``_state_grads_kernel`` (one program per chunk, head and block
+of key columns; ``dgamma`` as one share per key block) and read by the within-chunk backward.
 
 The queries' reads (``_read_fwd_kernel``, one program per chunk and head), with
 ``Attn = (Q K^T) * exp(G_i - G_j) [j <= i]`` and ``Qd = Q * exp(G)``::
@@ -45,8 +46,9 @@ Layout: inputs ``[B, S, H, D]`` as the ops; chunk-major ``[B, H, N, C, D]`` (con
 node (:func:`scan_chunks`), so the intermediates never meet autograd: for bfloat16 / float16
 inputs ``W, E``, the entering states, ``U`` and the leaving states' gradients (read only as
 products' operands, cast to the inputs' dtype there) are stored in that dtype, and so are the
-gradients ``dU^out``, ``dU0`` and the reads' share of ``dk`` (rounded once more: in a CPU replay with
-round-to-nearest bf16, dv and dbeta errors rise ~20 %, dk ~10 %); ``U0`` (in bf16 the gates'
+gradients ``dU^out``, ``dU0`` and the reads' share of ``dk`` (rounded once more: in a CPU replay
+with round-to-nearest bf16, dv and dbeta errors rise ~20 %, dk ~10 %) and ``dW``, ``dE`` (the
+GPU check at D = 128 unchanged by them: bf16 worst 6.2e-3); ``U0`` (in bf16 the gates'
 gradient error nearly doubles), ``gamma`` and ``T`` stay float32, and float32 inputs keep
 everything float32. Packed sequences
 (``chunk_offsets [N_seq + 1]``, ``B = 1``) occupy whole chunks: sequence ``i`` owns chunks
