@@ -30,9 +30,10 @@ in reverse with the state gradient ``dS`` in registers (``dS = dS_{n+1}`` on ent
     dS_n     = gamma_n dS_{n+1} - W_n^T dU_n + dS_n^out
 
 One program owns a block of state columns of one sequence and head; ``dS_n^out`` (below) is
-formed in the walk from the queries, gates and ``dO``; the walk stores every ``dS_{n+1}``, and
-``dW``, ``dE`` and ``dgamma`` (sums over all columns) are formed from it in the within-chunk
-backward (one program per chunk), which reads them nowhere else.
+formed in the walk from the queries, gates and ``dO``; the walk stores every ``dS_{n+1}`` and
+``dU0_n``. ``dW``, ``dE`` and ``dgamma`` (sums over all state columns) are then formed from those,
+the entering states and ``U`` by ``_state_grads_kernel`` (one program per chunk, head and block
+of key columns; ``dgamma`` as one share per key block) and read by the within-chunk backward.
 
 The queries' reads (``_read_fwd_kernel``, one program per chunk and head), with
 ``Attn = (Q K^T) * exp(G_i - G_j) [j <= i]`` and ``Qd = Q * exp(G)``::
@@ -45,8 +46,9 @@ Layout: inputs ``[B, S, H, D]`` as the ops; chunk-major ``[B, H, N, C, D]`` (con
 node (:func:`scan_chunks`), so the intermediates never meet autograd: for bfloat16 / float16
 inputs ``W, E``, the entering states, ``U`` and the leaving states' gradients (read only as
 products' operands, cast to the inputs' dtype there) are stored in that dtype, and so are the
-gradients ``dU^out``, ``dU0`` and the reads' share of ``dk`` (rounded once more: in a CPU replay with
-round-to-nearest bf16, dv and dbeta errors rise ~20 %, dk ~10 %); ``U0`` (in bf16 the gates'
+gradients ``dU^out``, ``dU0`` and the reads' share of ``dk`` (rounded once more: in a CPU replay
+with round-to-nearest bf16, dv and dbeta errors rise ~20 %, dk ~10 %) and ``dW``, ``dE`` (the
+GPU check at D = 128 unchanged by them: bf16 worst 6.2e-3); ``U0`` (in bf16 the gates'
 gradient error nearly doubles), ``gamma`` and ``T`` stay float32, and float32 inputs keep
 everything float32. Packed sequences
 (``chunk_offsets [N_seq + 1]``, ``B = 1``) occupy whole chunks: sequence ``i`` owns chunks
@@ -64,10 +66,13 @@ from torch import Tensor
 FWD_BV, BWD_BV = 64, 64  # BWD_BV 64: 1.53 ms against 1.86 at 32 (sweep_launch_delta_5ebb97a.log)
 NUM_WARPS = 4
 FWD_STAGES, BWD_STAGES = 2, 1
-GRAD_BV = 32  # state columns at a time of dW, dE, dgamma in the solve's backward
-# within chunks: key and value columns at a time (SOLVE_BD); the backward took 2.9 ms at 4 warps and 1 stage,
+GRAD_BK, GRAD_BV, GRAD_WARPS, GRAD_STAGES = 64, 64, 4, 2  # dW, dE, dgamma: key columns per program, state columns at a time
+# within chunks: key and value columns at a time of the forward (SOLVE_BD); the backward took 2.9 ms at 4 warps and 1 stage,
 # 3.9 at 8 and 3 (H100, T = 8K, sweep_solve_delta_257c64c.log)
-SOLVE_FWD_WARPS, SOLVE_FWD_STAGES, SOLVE_BWD_WARPS, SOLVE_BWD_STAGES, SOLVE_BD = 4, 3, 4, 1, 64
+SOLVE_FWD_WARPS, SOLVE_FWD_STAGES, SOLVE_BWD_WARPS, SOLVE_BWD_STAGES, SOLVE_BD = 4, 3, 4, 2, 64
+# the backward's columns at a time and stages: 2.38 ms against 2.48 at 64 columns, 2.31 at 2 stages against 2.38 at 1
+# (H100, T = 8K, delta4 sweeps)
+SOLVE_BWD_BD = 32
 READ_FWD_BV, READ_FWD_WARPS = 128, 4  # 0.88 ms against 0.99 at 64 (same sweep)
 READ_BWD_BV, READ_BWD_WARPS = 64, 8  # 2.12 ms against 2.20 at 32; float32: 32 (64 needs 288 KB of shared memory)
 _LOW = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' LOW: products' operand dtype
@@ -91,7 +96,8 @@ def _chunk_range(i_n, chunk_offsets, N, IS_VARLEN: tl.constexpr):
 def _load(p, idx, R: tl.constexpr, D: tl.constexpr, rows, cols):
     """Tile ``[rows, cols]`` of the ``idx``-th ``[R, D]`` matrix at ``p``, zeros outside."""
     mask = (rows < R)[:, None] & (cols < D)[None, :]
-    return tl.load(p + idx * (R * D) + rows[:, None] * D + cols[None, :], mask=mask, other=0.0)
+    base = p + idx * (R * D)
+    return tl.load(base + (rows[:, None] * D + cols[None, :]), mask=mask, other=0.0)
 
 
 @triton.jit
@@ -181,12 +187,17 @@ def _bwd_kernel(
 
 
 @triton.jit
-def _state_grads(states, u, du0, dnext, idx, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, c0,
-                 BD: tl.constexpr, BV: tl.constexpr, LOW: tl.constexpr):
-    """Chunk ``idx``'s ``dW = -dU0 S_n^T`` and ``dE = U dS_{n+1}^T`` in key columns ``[c0, c0 + BD)``
-    (``[C, BD]`` float32) and those columns' share of ``dgamma = <S_n, dS_{n+1}>``, summing over the
-    state's columns ``BV`` at a time."""
-    rc, ck = tl.arange(0, C), c0 + tl.arange(0, BD)
+def _state_grads_kernel(
+    states, u, du0, dnext, dw, de, dgamma, N,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, LOW: tl.constexpr,
+):
+    """Chunk ``i_c`` of batch and head ``i_bh``, key columns ``[i_k BD, (i_k + 1) BD)``:
+    ``dW = -dU0 S_n^T`` and ``dE = U dS_{n+1}^T`` (``[C, BD]``, stored in ``dw``'s and ``de``'s dtype)
+    and those columns' share of ``dgamma = <S_n, dS_{n+1}>`` (``dgamma [B, H, N, cdiv(K, BD)]``
+    float32), summing over the state's columns ``BV`` at a time."""
+    i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    idx = i_bh.to(tl.int64) * N + i_c
+    rc, ck = tl.arange(0, C), i_k * BD + tl.arange(0, BD)
     b_dw = tl.zeros([C, BD], dtype=tl.float32)
     b_de = tl.zeros([C, BD], dtype=tl.float32)
     b_dgamma = tl.zeros([BD], dtype=tl.float32)
@@ -197,7 +208,9 @@ def _state_grads(states, u, du0, dnext, idx, K: tl.constexpr, V: tl.constexpr, C
         b_dw -= _dot(_as(_load(du0, idx, C, V, rc, cv), LOW), tl.trans(b_S))
         b_de += _dot(_as(_load(u, idx, C, V, rc, cv), LOW), tl.trans(b_dn))
         b_dgamma += tl.sum(b_S.to(tl.float32) * b_dn.to(tl.float32), 1)
-    return b_dw, b_de, tl.sum(b_dgamma, 0)
+    _store(dw, idx, C, K, rc, ck, b_dw)
+    _store(de, idx, C, K, rc, ck, b_de)
+    tl.store(dgamma + idx * tl.num_programs(0) + i_k, tl.sum(b_dgamma, 0))
 
 
 # ----------------------------------------------------------------------------- within chunks
@@ -347,18 +360,17 @@ def _solve_fwd_kernel(
 
 @triton.jit
 def _solve_bwd_kernel(
-    k, v, beta, g, tinv, states, u, du0, dnext, dk_in, dk, dv, dbeta, dg, S, N,
+    k, v, beta, g, tinv, dw, de, dgamma, du0, dk_in, dk, dv, dbeta, dg, S, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BD: tl.constexpr, GBV: tl.constexpr, LOW: tl.constexpr, PRECISE: tl.constexpr, HAS_DK_IN: tl.constexpr,
+    BD: tl.constexpr, NKB: tl.constexpr, PRECISE: tl.constexpr, HAS_DK_IN: tl.constexpr,
 ):
     """Gradients of chunk ``i_c``'s keys, values, betas and log gates from those of ``W, U0, E, gamma``
-    (the module docstring's chain rule through ``T``), ``BD`` columns at a time: the keys' side
+    (the module docstring's chain rule through ``T``; ``dW, dE [C, K]`` and the ``NKB`` shares of
+    ``dgamma`` from :func:`_state_grads_kernel`), ``BD`` columns at a time: the keys' side
     (``dT = dW Rw^T``, ``P = K K^T``, row sums with ``dRw = T^T dW`` and ``dE``), the values' side
     (``dT += dU0 Ru^T``, ``dRu = T^T dU0``, ``dv``), ``dA = -strictly_lower(T^T dT T^T)``, then the
     keys' gradient (``dRw`` recomputed), plus ``dk_in`` (the reads' share) if given; the
-    gradients are stored in their inputs' dtypes. ``dW, dE, dgamma`` are formed here from the
-    entering state, ``U``, ``dU0`` and the leaving state's gradient (:func:`_state_grads`, ``GBV``
-    state columns at a time; ``dW, dE`` again for the keys' gradient) and never stored."""
+    gradients are stored in their inputs' dtypes."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     idx = i_bh.to(tl.int64) * N + i_c
@@ -374,15 +386,13 @@ def _solve_bwd_kernel(
     k_drw = tl.zeros([C], dtype=tl.float32)
     k_de = tl.zeros([C], dtype=tl.float32)
     v_dru = tl.zeros([C], dtype=tl.float32)
-    b_dgamma = 0.0
     for c0 in range(0, BK, BD):
         b_k = _get(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD))
-        b_dw, b_de, dgamma_part = _state_grads(states, u, du0, dnext, idx, K, V, C, c0, BD, GBV, LOW)
-        b_dgamma += dgamma_part
+        b_dw = _get(_tile_at(dw, idx, C, K, c0, BD))
         b_dT += _mm(b_dw, tl.trans(b_k * scale_w[:, None]), PRECISE)
         b_P += _mm(b_k, tl.trans(b_k), PRECISE)
         k_drw += tl.sum(b_k * _mm(b_Tt, b_dw, PRECISE), 1)
-        k_de += tl.sum(b_k * b_de, 1)
+        k_de += tl.sum(b_k * _get(_tile_at(de, idx, C, K, c0, BD)), 1)
     for c0 in range(0, BV, BD):
         b_v = _get(_rows_at(v, i_b, i_c, S, i_h, H, V, C, c0, BD))
         b_du0 = _get(_tile_at(du0, idx, C, V, c0, BD))
@@ -395,6 +405,7 @@ def _solve_bwd_kernel(
     b_dP = b_dA * b_beta[:, None] * decay
     s_e = to_end * k_de
     b_dAA = b_dP * b_P  # dA * A
+    b_dgamma = tl.sum(tl.load(dgamma + idx * NKB + tl.arange(0, NKB)), 0)
     b_dbeta = tl.sum(b_dA * b_P * decay, 1) + tl.exp(b_G) * k_drw + v_dru
     b_dG = tl.sum(b_dAA, 1) - tl.sum(b_dAA, 0) + scale_w * k_drw - s_e
     b_dG += tl.where(rc == C - 1, tl.sum(s_e, 0) + tl.exp(b_GC) * b_dgamma, 0.0)
@@ -403,10 +414,9 @@ def _solve_bwd_kernel(
     tl.store(dg + offs, b_dg.to(dg.dtype.element_ty), mask=valid)
     b_dPs = b_dP + tl.trans(b_dP)
     for c0 in range(0, BK, BD):
-        b_dw, b_de, dgamma_part = _state_grads(states, u, du0, dnext, idx, K, V, C, c0, BD, GBV, LOW)
         b_dk = _mm(b_dPs, _get(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD)), PRECISE)
-        b_dk += _mm(b_Tt, b_dw, PRECISE) * scale_w[:, None]
-        b_dk += b_de * to_end[:, None]
+        b_dk += _mm(b_Tt, _get(_tile_at(dw, idx, C, K, c0, BD)), PRECISE) * scale_w[:, None]
+        b_dk += _get(_tile_at(de, idx, C, K, c0, BD)) * to_end[:, None]
         if HAS_DK_IN:
             b_dk += _get(_rows_at(dk_in, i_b, i_c, S, i_h, H, K, C, c0, BD))
         _put(_rows_at(dk, i_b, i_c, S, i_h, H, K, C, c0, BD), b_dk)
@@ -574,12 +584,19 @@ class ScanFunction(torch.autograd.Function):
             num_stages=BWD_STAGES,
         )
         del du
-        # within chunks, adding the reads' share of dk
+        # dW, dE, dgamma of every chunk, then within chunks, adding the reads' share of dk
+        BD = min(BK, GRAD_BK)
+        dw, de = torch.empty_like(w), torch.empty_like(w)
+        dgamma = torch.empty(B, H, N, triton.cdiv(K, BD), **f32)
+        _state_grads_kernel[(triton.cdiv(K, BD), N, B * H)](
+            states, u, du0, dnext, dw, de, dgamma, N, K=K, V=V, C=C, BD=BD, BV=min(BVs, GRAD_BV), LOW=low,
+            num_warps=GRAD_WARPS, num_stages=GRAD_STAGES,
+        )
         dk, dv, dbeta = (torch.empty_like(t) for t in (k, v, beta))
         dg = torch.empty_like(g, **f32) if dg_read is not None else torch.empty_like(g)
-        _solve_bwd_kernel[(N, B * H)](k, v, beta, g, tinv, states, u, du0, dnext, dk_read, dk, dv, dbeta, dg, S, N,
-                                      H=H, K=K, V=V, C=C, BK=BK, BV=BVs, BD=min(BK, BVs, SOLVE_BD // 2 if precise else SOLVE_BD),
-                                      GBV=min(BVs, GRAD_BV), LOW=low, PRECISE=precise, HAS_DK_IN=dk_read is not None,
+        _solve_bwd_kernel[(N, B * H)](k, v, beta, g, tinv, dw, de, dgamma, du0, dk_read, dk, dv, dbeta, dg, S, N,
+                                      H=H, K=K, V=V, C=C, BK=BK, BV=BVs, BD=min(BK, BVs, SOLVE_BWD_BD),
+                                      NKB=dgamma.shape[-1], PRECISE=precise, HAS_DK_IN=dk_read is not None,
                                       num_warps=SOLVE_BWD_WARPS, num_stages=SOLVE_BWD_STAGES)
         if dg_read is not None:
             dg = (dg + dg_read).to(g.dtype)

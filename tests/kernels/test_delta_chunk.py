@@ -22,6 +22,8 @@ for gate in ("none", "head"):
 CASES["CS-head-dims"] = dict(op="delta", pattern="CS", gate="head", T=40, K=32, V=24, chunk=32, dtype="float32")
 CASES["CS-head-chunk64"] = dict(op="delta", pattern="CS", gate="head", T=70, chunk=64, dtype="float32")
 CASES["CS-head-two-column-blocks"] = dict(op="delta", pattern="CS", gate="head", T=37, V=80, dtype="float32")
+# more than 64 key columns: two key blocks of dW, dE and the shares of dgamma summed in the solve's backward
+CASES["CS-head-two-key-blocks"] = dict(op="delta", pattern="CS", gate="head", T=20, K=80, V=16, dtype="float32")
 CASES["CS-head-fp16"] = dict(op="delta", pattern="CS", gate="head", T=65, dtype="float16")
 CASES["NS-head-fp16"] = dict(op="delta", pattern="NS", gate="head", T=33, dtype="float16")
 # float16 intermediates (W, E, states, U, leaving states' gradients) over several column blocks, packed, and without reads
