@@ -2,7 +2,8 @@
 
 The state passes (``_states_kernel``, forward and reverse) are shared with the per-head gate; this
 module holds what reads them. Forward: ``_scores_kernel`` writes the chunk's scores ``A [rows, H, BT]``
-(fp32, kept for the backward with the states) and a flag per chunk and head, ``_output_kernel`` reads
+(in the inputs' dtype, as the products read it; kept for the backward with the states) and a flag
+per chunk and head, ``_output_kernel`` reads
 them. Backward: ``_dA_kernel`` writes ``dA = do v^T`` per chunk, ``_dqk_kernel`` dq, dk and dg,
 ``_dv_kernel`` dv.
 
@@ -106,7 +107,7 @@ def _scores_kernel(
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr, SUB: tl.constexpr,
     ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """``A [rows, H, BT]`` (fp32) of chunk ``i_t``, head ``i_h``: ``A [i, j]`` query ``i`` reading key
+    """``A [rows, H, BT]`` (A's dtype) of chunk ``i_t``, head ``i_h``: ``A [i, j]`` query ``i`` reading key
     ``j`` of the chunk, one product per sub-chunk ``I`` referenced at its start ``b``: ``(q * exp(c - b))``
     over the rows of ``I`` times ``(k * exp(b - c))`` over the rows up to its end (channels ``KB`` at a
     time). The keys' exponents are clamped to ``span_max``; ``flags [i_t, i_h] = 1`` where that clamp
@@ -134,7 +135,7 @@ def _scores_kernel(
             b_A += _dot(b_qI, tl.trans(b_kI))
     tl.store(flags + i_t * H + i_h, (tl.max(b_span, 0) > span_max).to(tl.int32))
     b_A = tl.where(_keep(BT, ANTI), b_A, 0.0)
-    tl.store(A + (rows * H + i_h)[:, None] * BT + r[None, :], b_A, mask=valid[:, None])
+    tl.store(A + (rows * H + i_h)[:, None] * BT + r[None, :], b_A.to(A.dtype.element_ty), mask=valid[:, None])
 
 
 @triton.jit
@@ -153,7 +154,8 @@ def _diag_kernel(
             t, valid = _chunk_rows(i_c * (BT // SUB) + m, Tn, SUB, ANTI)  # sub-chunk m of chunk i_c
             b_A = _diag_scores(q, k, g, bos, t, valid, Tn, i_h, H, K, SUB, KC, ANTI)
             cols = m * SUB + tl.arange(0, SUB)
-            tl.store(A + ((bos + t) * H + i_h)[:, None] * BT + cols[None, :], b_A, mask=valid[:, None])
+            tl.store(A + ((bos + t) * H + i_h)[:, None] * BT + cols[None, :], b_A.to(A.dtype.element_ty),
+                     mask=valid[:, None])
 
 
 @triton.jit
@@ -200,7 +202,7 @@ def _dA_kernel(
     v, do, dA, chunk_first, chunk_seq, cu_seqlens, T,
     H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """``dA = do v^T [BT, BT]`` (fp32, unmasked) of chunk ``i_t``, head ``i_h``, stored as ``A``."""
+    """``dA = do v^T [BT, BT]`` (unmasked, in dA's dtype) of chunk ``i_t``, head ``i_h``, stored as ``A``."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
@@ -211,7 +213,7 @@ def _dA_kernel(
         cv = i_v * BV + tl.arange(0, BV)
         b_dA += _dot(_tile(do + i_h * V, rows, valid, cv, V, H * V), tl.trans(_tile(v + i_h * V, rows, valid, cv, V, H * V)))
     r = tl.arange(0, BT)
-    tl.store(dA + (rows * H + i_h)[:, None] * BT + r[None, :], b_dA, mask=valid[:, None])
+    tl.store(dA + (rows * H + i_h)[:, None] * BT + r[None, :], b_dA.to(dA.dtype.element_ty), mask=valid[:, None])
 
 
 @triton.jit
@@ -232,7 +234,7 @@ def _dqk_diag_kernel(
             t, valid = _chunk_rows(i_c * (BT // SUB) + m, Tn, SUB, ANTI)  # sub-chunk m of chunk i_c
             rows = bos + t
             cols = m * SUB + tl.arange(0, SUB)
-            b_dA = tl.load(dA + (rows * H + i_h)[:, None] * BT + cols[None, :], mask=valid[:, None], other=0.0)
+            b_dA = tl.load(dA + (rows * H + i_h)[:, None] * BT + cols[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
             b_dA = tl.where(_keep(SUB, ANTI), b_dA, 0.0)
             for i_k in range(tl.cdiv(K, BK)):
                 ck = i_k * BK + tl.arange(0, BK)
@@ -349,9 +351,9 @@ def _dv_kernel(
 
 def scores(q: Tensor, k: Tensor, g: Tensor, chunks, anticausal: bool, BT: int) -> tuple[Tensor, Tensor]:
     """``_scores_kernel`` over every chunk, then ``_diag_kernel`` (exact diagonal blocks where flagged):
-    ``A [B, T, H, BT]`` (fp32) and the flags ``[chunks, H]`` (int32)."""
+    ``A [B, T, H, BT]`` in k's dtype (the products read it so) and the flags ``[chunks, H]`` (int32)."""
     B, T, H, K = k.shape
-    A = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
+    A = torch.empty(B, T, H, BT, dtype=k.dtype, device=k.device)
     flags = torch.empty(chunks.count, H, dtype=torch.int32, device=k.device)
     varlen = chunks.cu_seqlens is not None
     span_max = 0.0 if k.dtype == torch.float16 else SPAN_MAX
@@ -401,7 +403,7 @@ def backward(q, k, v, g, states, dstates, do, chunks, scale: float, anticausal: 
     A = flags = dA = dqd = dkd = None
     if q is not None:
         A, flags = getattr(chunks, "scores", None) or scores(q, k, g, chunks, anticausal, BT)
-        dA = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
+        dA = torch.empty(B, T, H, BT, dtype=k.dtype, device=k.device)  # the products read it so
         _dA_kernel[(chunks.count, H)](
             v, do, dA, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, H=H, V=V, BT=BT, BV=min(BVF, DA_BV),
             ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None, num_warps=DA_WARPS, num_stages=DA_STAGES,
