@@ -45,11 +45,8 @@ from seqmix.kernels.gla_chunk import (
     _keep,
     _pow2,
     _sequence,
-    _state_tile,
-    _store,
     _store_gate_grad,
     _suffix,
-    _tile,
 )
 
 SUB = 16  # rows of a sub-chunk
@@ -70,6 +67,49 @@ DV_BV, DV_WARPS, DV_STAGES = 128, 4, 1  # columns per dv program
 
 
 @triton.jit
+def _rows_of(i_c, bos, Tn, BT: tl.constexpr, ANTI: tl.constexpr):
+    """The rows of chunk ``i_c`` (of ``BT`` rows) as a first row ``row0`` (int64: ``bos`` plus its time
+    index) and int32 steps ``dr`` from it (``-r`` when ``ANTI``, as :func:`_chunk_rows`), and which rows
+    are real: row ``r`` is ``row0 + dr[r]``."""
+    r = tl.arange(0, BT)
+    if ANTI:
+        row0 = bos + (Tn - 1 - i_c * BT)
+        dr = -r
+    else:
+        row0 = bos + i_c * BT
+        dr = r
+    return row0, dr, i_c * BT + r < Tn
+
+
+@triton.jit
+def _at(p, row0, dr, i_h, cols, H: tl.constexpr, D: tl.constexpr):
+    """Pointers ``[len(dr), len(cols)]`` into head ``i_h`` of a ``[rows, H, D]`` tensor: a 64-bit
+    scalar base and int32 offsets (no 64-bit tensors for the compiler to keep)."""
+    return (p + (row0 * H + i_h) * D) + (dr[:, None] * (H * D) + cols[None, :])
+
+
+@triton.jit
+def _load(p, row0, dr, valid, i_h, cols, H: tl.constexpr, D: tl.constexpr):
+    """Tile of rows ``row0 + dr`` and columns ``cols`` of head ``i_h`` of a ``[rows, H, D]`` tensor; zeros outside."""
+    return tl.load(_at(p, row0, dr, i_h, cols, H, D), mask=valid[:, None] & (cols < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _put(p, x, row0, dr, valid, i_h, cols, H: tl.constexpr, D: tl.constexpr):
+    """Stores ``x`` in ``p``'s dtype where :func:`_load` reads."""
+    tl.store(_at(p, row0, dr, i_h, cols, H, D), x.to(p.dtype.element_ty), mask=valid[:, None] & (cols < D)[None, :])
+
+
+@triton.jit
+def _state(p, i_t, i_h, rows, cols, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """Rows ``rows`` and columns ``cols`` of the float32 state ``p[i_t, i_h]`` of a ``[C, H, K, V]``
+    tensor (64-bit base, int32 offsets)."""
+    base = p + (i_t.to(tl.int64) * H + i_h) * (K * V)
+    mask = (rows < K)[:, None] & (cols < V)[None, :]
+    return tl.load(base + (rows[:, None] * V + cols[None, :]), mask=mask, other=0.0)
+
+
+@triton.jit
 def _decay3(c, SUB: tl.constexpr, ANTI: tl.constexpr):
     """``E [i, j, k] = exp(c_ik - c_jk)`` where row ``i`` sees row ``j``, else 0 (``c [SUB, BK]``)."""
     keep = _keep(SUB, ANTI)
@@ -77,16 +117,15 @@ def _decay3(c, SUB: tl.constexpr, ANTI: tl.constexpr):
 
 
 @triton.jit
-def _diag_scores(q, k, g, bos, t, valid, Tn, i_h, H: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr,
+def _diag_scores(q, k, g, bos, t, row0, dr, valid, Tn, i_h, H: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr,
                  KC: tl.constexpr, ANTI: tl.constexpr):
     """``A [i, j] = sum_k q_ik k_jk exp(c_ik - c_jk)`` over every channel, ``i`` seeing ``j`` inside
-    the sub-chunk of times ``t`` (else 0), ``KC`` channels at a time read from memory."""
-    rows = bos + t
+    the sub-chunk of times ``t`` (rows ``row0 + dr``; else 0), ``KC`` channels at a time read from memory."""
     A = tl.zeros([SUB, SUB], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, KC)):
         ck = i_k * KC + tl.arange(0, KC)
-        b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
-        b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+        b_q = _load(q, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
+        b_k = _load(k, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
         b_c = tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, SUB, 2, ANTI), 0)
         A += tl.sum(b_q[:, None, :] * b_k[None, :, :] * _decay3(b_c, SUB, ANTI), 2)
     return A
@@ -117,14 +156,13 @@ def _scores_kernel(
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     dt = k.dtype.element_ty
     t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    rows = bos + t
-    r = tl.arange(0, BT)
+    row0, dr, _ = _rows_of(i_c, bos, Tn, BT, ANTI)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     b_span = tl.zeros([KB], dtype=tl.float32)  # per channel, the largest exponent b_I - c_j, j in I
     for i_k in range(tl.cdiv(K, KB)):
         ck = i_k * KB + tl.arange(0, KB)
-        b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
-        b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+        b_q = _load(q, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
+        b_k = _load(k, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
         b_c = tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI), 0)
         for I in tl.static_range(0, BT // SUB):
             in_I, upto_I, b_I = _boundary(b_c, I, SUB, BT)
@@ -135,7 +173,7 @@ def _scores_kernel(
             b_A += _dot(b_qI, tl.trans(b_kI))
     tl.store(flags + i_t * H + i_h, (tl.max(b_span, 0) > span_max).to(tl.int32))
     b_A = tl.where(_keep(BT, ANTI), b_A, 0.0)
-    tl.store(A + (rows * H + i_h)[:, None] * BT + r[None, :], b_A.to(A.dtype.element_ty), mask=valid[:, None])
+    _put(A, b_A, row0, dr, valid, i_h, tl.arange(0, BT), H, BT)
 
 
 @triton.jit
@@ -152,17 +190,9 @@ def _diag_kernel(
         bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
         for m in range(BT // SUB):
             t, valid = _chunk_rows(i_c * (BT // SUB) + m, Tn, SUB, ANTI)  # sub-chunk m of chunk i_c
-            b_A = _diag_scores(q, k, g, bos, t, valid, Tn, i_h, H, K, SUB, KC, ANTI)
-            cols = m * SUB + tl.arange(0, SUB)
-            tl.store(A + ((bos + t) * H + i_h)[:, None] * BT + cols[None, :], b_A.to(A.dtype.element_ty),
-                     mask=valid[:, None])
-
-
-@triton.jit
-def _scores_tile(A, rows, valid, i_h, H: tl.constexpr, BT: tl.constexpr):
-    """The chunk's ``A [BT, BT]`` written by :func:`_scores_kernel` (zero rows past the end)."""
-    r = tl.arange(0, BT)
-    return tl.load(A + (rows * H + i_h)[:, None] * BT + r[None, :], mask=valid[:, None], other=0.0)
+            row0, dr, _ = _rows_of(i_c * (BT // SUB) + m, bos, Tn, SUB, ANTI)
+            b_A = _diag_scores(q, k, g, bos, t, row0, dr, valid, Tn, i_h, H, K, SUB, KC, ANTI)
+            _put(A, b_A, row0, dr, valid, i_h, m * SUB + tl.arange(0, SUB), H, BT)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -182,16 +212,16 @@ def _output_kernel(
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     dt = v.dtype.element_ty
     t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    rows = bos + t
+    row0, dr, _ = _rows_of(i_c, bos, Tn, BT, ANTI)
     cv = i_v * BV + tl.arange(0, BV)
-    b_o = _dot(_scores_tile(A, rows, valid, i_h, H, BT).to(dt), _tile(v + i_h * V, rows, valid, cv, V, H * V))
+    b_o = _dot(_load(A, row0, dr, valid, i_h, tl.arange(0, BT), H, BT).to(dt), _load(v, row0, dr, valid, i_h, cv, H, V))
     for i_k in range(tl.cdiv(K, KB)):
         ck = i_k * KB + tl.arange(0, KB)
-        b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+        b_q = _load(q, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
         b_c = tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI), 0)
-        b_S = _state_tile(states, i_t, i_h, ck, cv, H, K, V).to(dt)
+        b_S = _state(states, i_t, i_h, ck, cv, H, K, V).to(dt)
         b_o += _dot((b_q * tl.exp(b_c)).to(dt), b_S)
-    _store(o + i_h * V, scale * b_o, rows, valid, cv, V, H * V)
+    _put(o, scale * b_o, row0, dr, valid, i_h, cv, H, V)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -206,14 +236,12 @@ def _dA_kernel(
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
-    t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    rows = bos + t
+    row0, dr, valid = _rows_of(i_c, bos, Tn, BT, ANTI)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         cv = i_v * BV + tl.arange(0, BV)
-        b_dA += _dot(_tile(do + i_h * V, rows, valid, cv, V, H * V), tl.trans(_tile(v + i_h * V, rows, valid, cv, V, H * V)))
-    r = tl.arange(0, BT)
-    tl.store(dA + (rows * H + i_h)[:, None] * BT + r[None, :], b_dA.to(dA.dtype.element_ty), mask=valid[:, None])
+        b_dA += _dot(_load(do, row0, dr, valid, i_h, cv, H, V), tl.trans(_load(v, row0, dr, valid, i_h, cv, H, V)))
+    _put(dA, b_dA, row0, dr, valid, i_h, tl.arange(0, BT), H, BT)
 
 
 @triton.jit
@@ -232,17 +260,16 @@ def _dqk_diag_kernel(
         bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
         for m in range(BT // SUB):
             t, valid = _chunk_rows(i_c * (BT // SUB) + m, Tn, SUB, ANTI)  # sub-chunk m of chunk i_c
-            rows = bos + t
-            cols = m * SUB + tl.arange(0, SUB)
-            b_dA = tl.load(dA + (rows * H + i_h)[:, None] * BT + cols[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            row0, dr, _ = _rows_of(i_c * (BT // SUB) + m, bos, Tn, SUB, ANTI)
+            b_dA = _load(dA, row0, dr, valid, i_h, m * SUB + tl.arange(0, SUB), H, BT).to(tl.float32)
             b_dA = tl.where(_keep(SUB, ANTI), b_dA, 0.0)
             for i_k in range(tl.cdiv(K, BK)):
                 ck = i_k * BK + tl.arange(0, BK)
-                b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
-                b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+                b_q = _load(q, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
+                b_k = _load(k, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
                 b_E = _decay3(tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, SUB, 2, ANTI), 0), SUB, ANTI)
-                _store(dqd + i_h * K, tl.sum(b_dA[:, :, None] * b_k[None, :, :] * b_E, 1), rows, valid, ck, K, H * K)
-                _store(dkd + i_h * K, tl.sum(b_dA[:, :, None] * b_q[:, None, :] * b_E, 0), rows, valid, ck, K, H * K)
+                _put(dqd, tl.sum(b_dA[:, :, None] * b_k[None, :, :] * b_E, 1), row0, dr, valid, i_h, ck, H, K)
+                _put(dkd, tl.sum(b_dA[:, :, None] * b_q[:, None, :] * b_E, 0), row0, dr, valid, i_h, ck, H, K)
 
 
 @triton.jit
@@ -268,8 +295,9 @@ def _dqk_kernel(
     dt = k.dtype.element_ty
     ck = i_k * BK + tl.arange(0, BK)
     t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    rows = bos + t
-    b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+    rows = bos + t  # the gate's gradient
+    row0, dr, valid = _rows_of(i_c, bos, Tn, BT, ANTI)
+    b_k = _load(k, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
     b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI)
     b_c = tl.cumsum(b_g, 0)
     b_cl = tl.sum(b_g, 0)
@@ -279,13 +307,13 @@ def _dqk_kernel(
     b_SdS = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         cv = i_v * BV + tl.arange(0, BV)
-        b_v = _tile(v + i_h * V, rows, valid, cv, V, H * V)
-        b_S = _state_tile(states, i_t, i_h, ck, cv, H, K, V)
-        b_dS = _state_tile(dstates, i_t, i_h, ck, cv, H, K, V)
+        b_v = _load(v, row0, dr, valid, i_h, cv, H, V)
+        b_S = _state(states, i_t, i_h, ck, cv, H, K, V)
+        b_dS = _state(dstates, i_t, i_h, ck, cv, H, K, V)
         b_dks += _dot_split(b_v, tl.trans(b_dS), False)
         b_SdS += tl.sum(b_S * b_dS, 1)
         if HAS_Q:
-            b_do = _tile(do + i_h * V, rows, valid, cv, V, H * V)
+            b_do = _load(do, row0, dr, valid, i_h, cv, H, V)
             b_dqs += _dot_split(b_do, tl.trans(b_S), False)
     b_dks *= tl.exp(b_cl[None, :] - b_c)
     # <dS', S'> with S' = diag(exp(c_L)) S + (k * exp(c_L - c))^T v: exp(c_L) <S, dS'> + sum_j k_j * dk_j
@@ -296,12 +324,13 @@ def _dqk_kernel(
     if HAS_Q:
         flagged = tl.load(flags + i_t * H + i_h)
         r = tl.arange(0, BT)
-        b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
-        b_dA = tl.where(_keep(BT, ANTI), _scores_tile(dA, rows, valid, i_h, H, BT), 0.0).to(dt)  # do v^T, masked
+        b_q = _load(q, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
+        b_dA = _load(dA, row0, dr, valid, i_h, r, H, BT)  # do v^T
+        b_dA = tl.where(_keep(BT, ANTI), b_dA, 0.0).to(dt)
         diag = valid & (tl.zeros([BT], dtype=tl.int32) + flagged != 0)  # flagged: the diagonal blocks
-        b_dq = _tile(dqd + i_h * K, rows, diag, ck, K, H * K)
-        b_dk = _tile(dkd + i_h * K, rows, diag, ck, K, H * K)
-        for I in tl.static_range(0, BT // SUB):
+        b_dq = _load(dqd, row0, dr, diag, i_h, ck, H, K)
+        b_dk = _load(dkd, row0, dr, diag, i_h, ck, H, K)
+        for I in range(0, BT // SUB):  # a loop: unrolled, the compiler keeps every step's tiles (spill)
             in_I, _, b_I = _boundary(b_c, I, SUB, BT)
             keys = (r < (I + 1 - flagged) * SUB)[:, None]  # up to the end of I; flagged: before I
             b_eq = tl.exp(tl.where(in_I, b_c - b_I[None, :], float("-inf")))
@@ -309,10 +338,10 @@ def _dqk_kernel(
             b_dq += b_eq * _dot(b_dA, (b_k * b_ek).to(dt))
             b_dk += b_ek * _dot(tl.trans(b_dA), (b_q * b_eq).to(dt))
         b_dq = scale * (b_dqs * tl.exp(b_c) + b_dq)
-        _store(dq + i_h * K, b_dq, rows, valid, ck, K, H * K)
+        _put(dq, b_dq, row0, dr, valid, i_h, ck, H, K)
         b_x = b_q * b_dq
     b_dk = b_dks + scale * b_dk
-    _store(dk + i_h * K, b_dk, rows, valid, ck, K, H * K)
+    _put(dk, b_dk, row0, dr, valid, i_h, ck, H, K)
     b_x -= b_k * b_dk
     _store_gate_grad(dg, b_carry[None, :] + _suffix(b_x), rows, t, valid, Tn, i_h, ck, H, K, 2, ANTI)
 
@@ -331,19 +360,19 @@ def _dv_kernel(
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     dt = k.dtype.element_ty
     t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    rows = bos + t
+    row0, dr, _ = _rows_of(i_c, bos, Tn, BT, ANTI)
     cv = i_v * BV + tl.arange(0, BV)
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)
     if HAS_Q:
-        b_A = _scores_tile(A, rows, valid, i_h, H, BT)
-        b_dv += scale * _dot(tl.trans(b_A).to(dt), _tile(do + i_h * V, rows, valid, cv, V, H * V))
+        b_A = _load(A, row0, dr, valid, i_h, tl.arange(0, BT), H, BT)
+        b_dv += scale * _dot(tl.trans(b_A).to(dt), _load(do, row0, dr, valid, i_h, cv, H, V))
     for i_k in range(tl.cdiv(K, KB)):
         ck = i_k * KB + tl.arange(0, KB)
-        b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+        b_k = _load(k, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
         b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI)
         b_kd = b_k * tl.exp(tl.sum(b_g, 0)[None, :] - tl.cumsum(b_g, 0))
-        b_dv += _dot(b_kd.to(dt), _state_tile(dstates, i_t, i_h, ck, cv, H, K, V).to(dt))
-    _store(dv + i_h * V, b_dv, rows, valid, cv, V, H * V)
+        b_dv += _dot(b_kd.to(dt), _state(dstates, i_t, i_h, ck, cv, H, K, V).to(dt))
+    _put(dv, b_dv, row0, dr, valid, i_h, cv, H, V)
 
 
 # ----------------------------------------------------------------------------- launchers
