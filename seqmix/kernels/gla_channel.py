@@ -3,9 +3,8 @@
 The state passes (``_states_kernel``, forward and reverse) are shared with the per-head gate; this
 module holds what reads them. Forward: ``_scores_kernel`` writes the chunk's scores ``A [rows, H, BT]``
 (in the inputs' dtype, as the products read it; kept for the backward with the states) and a flag
-per chunk and head, ``_output_kernel`` reads
-them. Backward: ``_dA_kernel`` writes ``dA = do v^T`` per chunk, ``_dqk_kernel`` dq, dk and dg,
-``_dv_kernel`` dv.
+per chunk and head, ``_output_kernel`` reads them. Backward: ``_dqk_kernel`` dq, dk and dg (with
+``dA = do v^T`` formed as it reads do and v), ``_dv_kernel`` dv.
 
 A chunk of ``BT`` rows is cut into sub-chunks of ``SUB = 16``; ``c`` is the gate's cumsum from the
 chunk start. Every sub-chunk ``I`` is referenced at its start ``b_I`` (the cumsum before its first
@@ -62,7 +61,6 @@ DQK_BK, DQK_WARPS, DQK_STAGES = 64, 8, 1  # channels per dq / dk / dg program (4
 DQK_BV = 64  # columns per step of their reads of v, do and the states
 DIAG_BK, DIAG_WARPS = 32, 4  # channels per step of the exact diagonal blocks of dq / dk (flagged chunks)
 DIAG_A_WARPS, DIAG_A_STAGES = 4, 2  # programs of the exact diagonal blocks of A (flagged chunks)
-DA_BV, DA_WARPS, DA_STAGES = 64, 4, 2  # columns per step of dA = do v^T
 DV_BV, DV_WARPS, DV_STAGES = 128, 4, 1  # columns per dv program
 
 
@@ -228,31 +226,14 @@ def _output_kernel(
 
 
 @triton.jit
-def _dA_kernel(
-    v, do, dA, chunk_first, chunk_seq, cu_seqlens, T,
-    H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
-):
-    """``dA = do v^T [BT, BT]`` (unmasked, in dA's dtype) of chunk ``i_t``, head ``i_h``, stored as ``A``."""
-    i_t, i_h = tl.program_id(0), tl.program_id(1)
-    i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
-    bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
-    row0, dr, valid = _rows_of(i_c, bos, Tn, BT, ANTI)
-    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_v in range(tl.cdiv(V, BV)):
-        cv = i_v * BV + tl.arange(0, BV)
-        b_dA += _dot(_load(do, row0, dr, valid, i_h, cv, H, V), tl.trans(_load(v, row0, dr, valid, i_h, cv, H, V)))
-    _put(dA, b_dA, row0, dr, valid, i_h, tl.arange(0, BT), H, BT)
-
-
-@triton.jit
 def _dqk_diag_kernel(
-    q, k, g, dA, flags, dqd, dkd, chunk_first, chunk_seq, cu_seqlens, T,
-    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    q, k, v, g, do, flags, dqd, dkd, chunk_first, chunk_seq, cu_seqlens, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     SUB: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """The diagonal sub-chunk blocks' part of dq and dk / scale (fp32) of chunk ``i_t``, head
     ``i_h``, where :func:`_scores_kernel` flagged it (else nothing), one sub-chunk and ``BK``
-    channels at a time: ``dA = do v^T`` inside the sub-chunk (from :func:`_dA_kernel`, masked),
+    channels at a time: ``dA = do v^T`` inside the sub-chunk (``BV`` columns at a time, masked),
     ``dqd_ik = sum_j dA_ij k_jk E_ijk`` and ``dkd_jk = sum_i dA_ij q_ik E_ijk`` (:func:`_decay3`)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     if tl.load(flags + i_t * H + i_h) != 0:
@@ -261,7 +242,11 @@ def _dqk_diag_kernel(
         for m in range(BT // SUB):
             t, valid = _chunk_rows(i_c * (BT // SUB) + m, Tn, SUB, ANTI)  # sub-chunk m of chunk i_c
             row0, dr, _ = _rows_of(i_c * (BT // SUB) + m, bos, Tn, SUB, ANTI)
-            b_dA = _load(dA, row0, dr, valid, i_h, m * SUB + tl.arange(0, SUB), H, BT).to(tl.float32)
+            b_dA = tl.zeros([SUB, SUB], dtype=tl.float32)
+            for i_v in range(tl.cdiv(V, BV)):
+                cv = i_v * BV + tl.arange(0, BV)
+                b_do = _load(do, row0, dr, valid, i_h, cv, H, V)
+                b_dA += _dot(b_do, tl.trans(_load(v, row0, dr, valid, i_h, cv, H, V)))
             b_dA = tl.where(_keep(SUB, ANTI), b_dA, 0.0)
             for i_k in range(tl.cdiv(K, BK)):
                 ck = i_k * BK + tl.arange(0, BK)
@@ -274,7 +259,7 @@ def _dqk_diag_kernel(
 
 @triton.jit
 def _dqk_kernel(
-    q, k, v, g, states, dstates, do, dA, flags, dqd, dkd, dq, dk, dg, chunk_first, chunk_seq, cu_seqlens, scale, T,
+    q, k, v, g, states, dstates, do, flags, dqd, dkd, dq, dk, dg, chunk_first, chunk_seq, cu_seqlens, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     SUB: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
@@ -283,7 +268,7 @@ def _dqk_kernel(
         dq = scale * [(do S^T) * exp(c) + (dA * D) k],  dk = (v dS'^T) * exp(c_L - c) + scale * (dA * D)^T q
         dg = suffix sum of (q * dq - k * dk) + <dS', S'>
 
-    with ``dA = do v^T`` (:func:`_dA_kernel`), ``D_ijk = exp(c_ik - c_jk) [j <= i]``, ``S`` / ``dS'`` the
+    with ``dA = do v^T``, ``D_ijk = exp(c_ik - c_jk) [j <= i]``, ``S`` / ``dS'`` the
     state before / the gradient of the state after the chunk. ``(dA * D)`` by one product pair per
     sub-chunk ``I`` referenced at its start, keys up to its end; in chunks flagged by
     :func:`_scores_kernel` keys before it only, the diagonal blocks from :func:`_dqk_diag_kernel`
@@ -301,9 +286,10 @@ def _dqk_kernel(
     b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI)
     b_c = tl.cumsum(b_g, 0)
     b_cl = tl.sum(b_g, 0)
-    # state parts over columns BV at a time: dk_s = v dS'^T, dq_s = do S^T, <S, dS'> per row
+    # over columns BV at a time: the state parts dk_s = v dS'^T, dq_s = do S^T, <S, dS'> per row; dA = do v^T
     b_dks = tl.zeros([BT, BK], dtype=tl.float32)
     b_dqs = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     b_SdS = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         cv = i_v * BV + tl.arange(0, BV)
@@ -315,6 +301,7 @@ def _dqk_kernel(
         if HAS_Q:
             b_do = _load(do, row0, dr, valid, i_h, cv, H, V)
             b_dqs += _dot_split(b_do, tl.trans(b_S), False)
+            b_dA += _dot(b_do, tl.trans(b_v))
     b_dks *= tl.exp(b_cl[None, :] - b_c)
     # <dS', S'> with S' = diag(exp(c_L)) S + (k * exp(c_L - c))^T v: exp(c_L) <S, dS'> + sum_j k_j * dk_j
     # (the state part of dk), carried into the gate's gradient of every row of the chunk
@@ -325,7 +312,6 @@ def _dqk_kernel(
         flagged = tl.load(flags + i_t * H + i_h)
         r = tl.arange(0, BT)
         b_q = _load(q, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
-        b_dA = _load(dA, row0, dr, valid, i_h, r, H, BT)  # do v^T
         b_dA = tl.where(_keep(BT, ANTI), b_dA, 0.0).to(dt)
         diag = valid & (tl.zeros([BT], dtype=tl.int32) + flagged != 0)  # flagged: the diagonal blocks
         b_dq = _load(dqd, row0, dr, diag, i_h, ck, H, K)
@@ -429,23 +415,18 @@ def backward(q, k, v, g, states, dstates, do, chunks, scale: float, anticausal: 
     # every row of a causal pass stores its gate's gradient; the anticausal pass never reads the first gate
     dg = torch.zeros_like(g) if anticausal or chunks.cu_seqlens is not None else torch.empty_like(g)
     common = dict(H=H, K=K, V=V, BT=BT, HAS_Q=q is not None, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None)
-    A = flags = dA = dqd = dkd = None
+    A = flags = dqd = dkd = None
     if q is not None:
         A, flags = getattr(chunks, "scores", None) or scores(q, k, g, chunks, anticausal, BT)
-        dA = torch.empty(B, T, H, BT, dtype=k.dtype, device=k.device)  # the products read it so
-        _dA_kernel[(chunks.count, H)](
-            v, do, dA, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, H=H, V=V, BT=BT, BV=min(BVF, DA_BV),
-            ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None, num_warps=DA_WARPS, num_stages=DA_STAGES,
-        )
         # written (and read) only in flagged chunks
         dqd, dkd = (torch.empty(B, T, H, K, dtype=torch.float32, device=k.device) for _ in range(2))
         _dqk_diag_kernel[(chunks.count, H)](
-            q, k, g, dA, flags, dqd, dkd, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, H=H, K=K, BT=BT,
-            BK=min(BKF, DIAG_BK), SUB=SUB, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None,
-            num_warps=DIAG_WARPS, num_stages=1,
+            q, k, v, g, do, flags, dqd, dkd, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, H=H, K=K, V=V,
+            BT=BT, BK=min(BKF, DIAG_BK), BV=min(BVF, DQK_BV), SUB=SUB, ANTI=anticausal,
+            IS_VARLEN=chunks.cu_seqlens is not None, num_warps=DIAG_WARPS, num_stages=1,
         )
     _dqk_kernel[(chunks.count * triton.cdiv(K, BK), H)](
-        q, k, v, g, states, dstates, do, dA, flags, dqd, dkd, dq, dk, dg, chunks.first, chunks.seq, chunks.cu_seqlens,
+        q, k, v, g, states, dstates, do, flags, dqd, dkd, dq, dk, dg, chunks.first, chunks.seq, chunks.cu_seqlens,
         scale, chunks.T, BK=BK, BV=min(BVF, DQK_BV), SUB=SUB, num_warps=DQK_WARPS, num_stages=DQK_STAGES, **common,
     )
     _dv_kernel[(chunks.count * triton.cdiv(V, BV), H)](
