@@ -54,11 +54,17 @@ SUB = 16  # rows of a sub-chunk
 # e^-SPAN_MAX (bf16 / fp32); fp16 inputs take the fast block only without decay (span 0)
 SPAN_MAX = 40.0
 KC = 32  # channels per step of the exact diagonal blocks of A (flagged chunks)
-KB = 64  # channels per step of the scores between sub-chunks and of the state reads of the outputs and dv
+# channels per step of the scores and of the state reads of the outputs and dv (32: no spill on sm_90,
+# but 13.25 ms fwd+bwd at 8K against 12.94 with 64; H100, 8924ddd, bench_channel.py --config against
+# bench_kernels.py's default, one run)
+KB = 64
 SCORES_WARPS, SCORES_STAGES = 4, 1
 OUT_BV, OUT_WARPS, OUT_STAGES = 128, 4, 1  # columns per output program
-DQK_BK, DQK_WARPS, DQK_STAGES = 64, 8, 1  # channels per dq / dk / dg program (4 warps: illegal address on the H100, Triton 3.6)
-DQK_BV = 64  # columns per step of their reads of v, do and the states
+# channels per dq / dk / dg program (4 warps: illegal address on the H100, Triton 3.6) and columns per
+# step of their reads of v, do and the states; at 8K, H100, 8924ddd: BK 32 15.4 ms fwd+bwd, BK = BV = 32
+# 17.0 (no spill on sm_90) against 12.94 with 64 / 64 (424 B spill)
+DQK_BK, DQK_WARPS, DQK_STAGES = 64, 8, 1
+DQK_BV = 64
 DIAG_BK, DIAG_WARPS = 32, 4  # channels per step of the exact diagonal blocks of dq / dk (flagged chunks)
 DIAG_A_WARPS, DIAG_A_STAGES = 4, 2  # programs of the exact diagonal blocks of A (flagged chunks)
 DV_BV, DV_WARPS, DV_STAGES = 128, 4, 1  # columns per dv program
