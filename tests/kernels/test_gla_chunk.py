@@ -64,6 +64,8 @@ STRONG = {
                                       seed=14, strong=64),
     "NS-channel-strong-chunk32": dict(op="gla", pattern="NS", gate="channel", T=40, chunk=32, dtype="float32",
                                       seed=15, strong=40),
+    "varlen-channel-strong": dict(op="gla", pattern="CS", gate="channel", T=0, cu=[0, 1, 9, 45, 70], chunk=32,
+                                  dtype="float32", strong=30),
 }
 
 
