@@ -1,25 +1,30 @@
 """Chunk-parallel kernels of :mod:`seqmix.kernels.gla_chunk` for a per-channel log gate ``g [B, T, H, K]``.
 
 The state passes (``_states_kernel``, forward and reverse) are shared with the per-head gate; this
-module holds what reads them. Forward: ``_scores_kernel`` and ``_diag_kernel`` write the chunk's
-scores ``A [rows, H, BT]`` (fp32, kept for the backward with the states), ``_output_kernel`` reads
-them. Backward: ``_dA_kernel`` writes ``dA = do v^T`` per chunk, ``_dqk_diag_kernel`` the diagonal
-blocks' share of dq and dk (fp32), ``_dqk_kernel`` the rest of dq, dk and dg, ``_dv_kernel`` dv.
+module holds what reads them. Forward: ``_scores_kernel`` writes the chunk's scores ``A [rows, H, BT]``
+(in the inputs' dtype, as the products read it; kept for the backward with the states) and a flag
+per chunk and head, ``_output_kernel`` reads them. Backward: ``_dqk_kernel`` dq, dk and dg (with
+``dA = do v^T`` formed as it reads do and v), ``_dv_kernel`` dv.
 
 A chunk of ``BT`` rows is cut into sub-chunks of ``SUB = 16``; ``c`` is the gate's cumsum from the
-chunk start. Between sub-chunks ``J < I`` the decay is split at the start ``b`` of ``I`` (every
-exponent ``<= 0``), and the whole chunk takes one tensor-core product per later sub-chunk ``I``, its
-rows and the rows before it selected by masks::
+chunk start. Every sub-chunk ``I`` is referenced at its start ``b_I`` (the cumsum before its first
+row), and the whole chunk takes one tensor-core product per sub-chunk, its rows and the rows up to
+its end selected by masks::
 
-    A += (q * exp(c - b_I) [rows of I]) (k * exp(b_I - c) [rows before I])^T
+    A += (q * exp(c - b_I) [rows of I]) (k * exp(b_I - c) [rows up to the end of I])^T    (then j <= i kept)
 
-Inside a sub-chunk (the diagonal ``16 x 16`` blocks) the decay differs per channel and cannot be
-split that way without exponents > 0, so the blocks are built exactly from the three-dimensional
-decay ``E [i, j, k] = exp(c_ik - c_jk) [i sees j]`` (every exponent <= 0, zero where masked)::
+Between sub-chunks every exponent is ``<= 0``. Inside ``I`` (the diagonal ``16 x 16`` blocks) the
+keys' exponents ``b_I - c_j`` are ``>= 0``, up to the sub-chunk's decay span ``max_k (b_I - c_end)``:
+the product is exact while that span is bounded (``SPAN_MAX``: ``e^40`` against the ``e^88`` of
+fp32 / bf16; 0 for fp16, whose range is small). ``_scores_kernel`` flags each chunk and head where
+some channel of some sub-chunk exceeds it; there the diagonal blocks are taken exactly instead, from
+the three-dimensional decay ``E [i, j, k] = exp(c_ik - c_jk) [i sees j]`` (every exponent <= 0)::
 
     A_ij = sum_k q_ik k_jk E_ijk,   dq_ik = sum_j dA_ij k_jk E_ijk,   dk_jk = sum_i dA_ij q_ik E_ijk
 
-``A`` sums every channel, ``KC`` at a time; dq and dk take ``DIAG_BK`` channels per program.
+by ``_diag_kernel`` (forward, over the clamped fast blocks) and ``_dqk_diag_kernel`` (backward, read
+by ``_dqk_kernel``, which then keeps its products to the rows before each sub-chunk); both return at
+once for unflagged chunks.
 """
 
 from __future__ import annotations
@@ -39,24 +44,73 @@ from seqmix.kernels.gla_chunk import (
     _keep,
     _pow2,
     _sequence,
-    _state_tile,
-    _store,
     _store_gate_grad,
     _suffix,
-    _tile,
 )
 
 SUB = 16  # rows of a sub-chunk
-KC = 32  # channels per step of the diagonal scores of the outputs and dv
-KB = 64  # channels per step of the scores between sub-chunks and of the state reads of the outputs and dv
+# the largest decay span of a sub-chunk (max over channels of b_I - c at its end) for which its
+# diagonal block is one tensor-core product: keys scaled by up to e^SPAN_MAX, queries by down to
+# e^-SPAN_MAX (bf16 / fp32); fp16 inputs take the fast block only without decay (span 0)
+SPAN_MAX = 40.0
+KC = 32  # channels per step of the exact diagonal blocks of A (flagged chunks)
+# channels per step of the scores and of the state reads of the outputs and dv (32: no spill on sm_90,
+# but 13.25 ms fwd+bwd at 8K against 12.94 with 64; H100, 8924ddd, bench_channel.py --config against
+# bench_kernels.py's default, one run)
+KB = 64
 SCORES_WARPS, SCORES_STAGES = 4, 1
 OUT_BV, OUT_WARPS, OUT_STAGES = 128, 4, 1  # columns per output program
-DQK_BK, DQK_WARPS, DQK_STAGES = 64, 8, 1  # channels per dq / dk / dg program (4 warps: illegal address on the H100, Triton 3.6)
-DQK_BV = 64  # columns per step of their reads of v, do and the states
-DIAG_BK, DIAG_WARPS = 32, 4  # channels per program of the diagonal blocks of dq / dk
-DIAG_A_WARPS, DIAG_A_STAGES = 4, 2  # programs of the diagonal blocks of A
-DA_BV, DA_WARPS, DA_STAGES = 64, 4, 2  # columns per step of dA = do v^T
+# channels per dq / dk / dg program (4 warps: illegal address on the H100, Triton 3.6) and columns per
+# step of their reads of v, do and the states; at 8K, H100, 8924ddd: BK 32 15.4 ms fwd+bwd, BK = BV = 32
+# 17.0 (no spill on sm_90) against 12.94 with 64 / 64 (424 B spill)
+DQK_BK, DQK_WARPS, DQK_STAGES = 64, 8, 1
+DQK_BV = 64
+DIAG_BK, DIAG_WARPS = 32, 4  # channels per step of the exact diagonal blocks of dq / dk (flagged chunks)
+DIAG_A_WARPS, DIAG_A_STAGES = 4, 2  # programs of the exact diagonal blocks of A (flagged chunks)
 DV_BV, DV_WARPS, DV_STAGES = 128, 4, 1  # columns per dv program
+
+
+@triton.jit
+def _rows_of(i_c, bos, Tn, BT: tl.constexpr, ANTI: tl.constexpr):
+    """The rows of chunk ``i_c`` (of ``BT`` rows) as a first row ``row0`` (int64: ``bos`` plus its time
+    index) and int32 steps ``dr`` from it (``-r`` when ``ANTI``, as :func:`_chunk_rows`), and which rows
+    are real: row ``r`` is ``row0 + dr[r]``."""
+    r = tl.arange(0, BT)
+    if ANTI:
+        row0 = bos + (Tn - 1 - i_c * BT)
+        dr = -r
+    else:
+        row0 = bos + i_c * BT
+        dr = r
+    return row0, dr, i_c * BT + r < Tn
+
+
+@triton.jit
+def _at(p, row0, dr, i_h, cols, H: tl.constexpr, D: tl.constexpr):
+    """Pointers ``[len(dr), len(cols)]`` into head ``i_h`` of a ``[rows, H, D]`` tensor: a 64-bit
+    scalar base and int32 offsets (no 64-bit tensors for the compiler to keep)."""
+    return (p + (row0 * H + i_h) * D) + (dr[:, None] * (H * D) + cols[None, :])
+
+
+@triton.jit
+def _load(p, row0, dr, valid, i_h, cols, H: tl.constexpr, D: tl.constexpr):
+    """Tile of rows ``row0 + dr`` and columns ``cols`` of head ``i_h`` of a ``[rows, H, D]`` tensor; zeros outside."""
+    return tl.load(_at(p, row0, dr, i_h, cols, H, D), mask=valid[:, None] & (cols < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _put(p, x, row0, dr, valid, i_h, cols, H: tl.constexpr, D: tl.constexpr):
+    """Stores ``x`` in ``p``'s dtype where :func:`_load` reads."""
+    tl.store(_at(p, row0, dr, i_h, cols, H, D), x.to(p.dtype.element_ty), mask=valid[:, None] & (cols < D)[None, :])
+
+
+@triton.jit
+def _state(p, i_t, i_h, rows, cols, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """Rows ``rows`` and columns ``cols`` of the float32 state ``p[i_t, i_h]`` of a ``[C, H, K, V]``
+    tensor (64-bit base, int32 offsets)."""
+    base = p + (i_t.to(tl.int64) * H + i_h) * (K * V)
+    mask = (rows < K)[:, None] & (cols < V)[None, :]
+    return tl.load(base + (rows[:, None] * V + cols[None, :]), mask=mask, other=0.0)
 
 
 @triton.jit
@@ -67,16 +121,15 @@ def _decay3(c, SUB: tl.constexpr, ANTI: tl.constexpr):
 
 
 @triton.jit
-def _diag_scores(q, k, g, bos, t, valid, Tn, i_h, H: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr,
+def _diag_scores(q, k, g, bos, t, row0, dr, valid, Tn, i_h, H: tl.constexpr, K: tl.constexpr, SUB: tl.constexpr,
                  KC: tl.constexpr, ANTI: tl.constexpr):
     """``A [i, j] = sum_k q_ik k_jk exp(c_ik - c_jk)`` over every channel, ``i`` seeing ``j`` inside
-    the sub-chunk of times ``t`` (else 0), ``KC`` channels at a time read from memory."""
-    rows = bos + t
+    the sub-chunk of times ``t`` (rows ``row0 + dr``; else 0), ``KC`` channels at a time read from memory."""
     A = tl.zeros([SUB, SUB], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, KC)):
         ck = i_k * KC + tl.arange(0, KC)
-        b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
-        b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+        b_q = _load(q, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
+        b_k = _load(k, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
         b_c = tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, SUB, 2, ANTI), 0)
         A += tl.sum(b_q[:, None, :] * b_k[None, :, :] * _decay3(b_c, SUB, ANTI), 2)
     return A
@@ -84,67 +137,66 @@ def _diag_scores(q, k, g, bos, t, valid, Tn, i_h, H: tl.constexpr, K: tl.constex
 
 @triton.jit
 def _boundary(c, I, SUB: tl.constexpr, BT: tl.constexpr):
-    """Masks of the rows of sub-chunk ``I`` and of the rows before it, and the gate's cumsum at its
-    start ``b`` (``[len(c[0])]``, the cumsum ``c [BT, .]`` at row ``I * SUB - 1``)."""
+    """Masks of the rows of sub-chunk ``I`` and of the rows up to its end, and the gate's cumsum at
+    its start ``b`` (``[len(c[0])]``, the cumsum ``c [BT, .]`` at row ``I * SUB - 1``, 0 for ``I = 0``)."""
     r = tl.arange(0, BT)
     b = tl.sum(tl.where((r == I * SUB - 1)[:, None], c, 0.0), 0)
-    return (r // SUB == I)[:, None], (r < I * SUB)[:, None], b
+    return (r // SUB == I)[:, None], (r < (I + 1) * SUB)[:, None], b
 
 
 @triton.jit
 def _scores_kernel(
-    q, k, g, A, chunk_first, chunk_seq, cu_seqlens, T,
+    q, k, g, A, flags, chunk_first, chunk_seq, cu_seqlens, T, span_max,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr, SUB: tl.constexpr,
     ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """``A [rows, H, BT]`` (fp32) of chunk ``i_t``, head ``i_h``: ``A [i, j]`` query ``i`` reading key
-    ``j`` of the chunk. Between sub-chunks, one product per later sub-chunk ``I`` referenced at its
-    start ``b``: ``(q * exp(c - b))`` over the rows of ``I`` times ``(k * exp(b - c))`` over the rows
-    before it (channels ``KB`` at a time); not the diagonal blocks (:func:`_diag_kernel`)."""
+    """``A [rows, H, BT]`` (A's dtype) of chunk ``i_t``, head ``i_h``: ``A [i, j]`` query ``i`` reading key
+    ``j`` of the chunk, one product per sub-chunk ``I`` referenced at its start ``b``: ``(q * exp(c - b))``
+    over the rows of ``I`` times ``(k * exp(b - c))`` over the rows up to its end (channels ``KB`` at a
+    time). The keys' exponents are clamped to ``span_max``; ``flags [i_t, i_h] = 1`` where that clamp
+    was reached (the diagonal blocks are then wrong, and :func:`_diag_kernel` writes them), else 0."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     dt = k.dtype.element_ty
     t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    rows = bos + t
-    r = tl.arange(0, BT)
+    row0, dr, _ = _rows_of(i_c, bos, Tn, BT, ANTI)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    b_span = tl.zeros([KB], dtype=tl.float32)  # per channel, the largest exponent b_I - c_j, j in I
     for i_k in range(tl.cdiv(K, KB)):
         ck = i_k * KB + tl.arange(0, KB)
-        b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
-        b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+        b_q = _load(q, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
+        b_k = _load(k, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
         b_c = tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI), 0)
-        for I in tl.static_range(1, BT // SUB):
-            in_I, before_I, b_I = _boundary(b_c, I, SUB, BT)
+        for I in tl.static_range(0, BT // SUB):
+            in_I, upto_I, b_I = _boundary(b_c, I, SUB, BT)
+            b_e = b_I[None, :] - b_c
+            b_span = tl.maximum(b_span, tl.max(tl.where(in_I, b_e, 0.0), 0))
             b_qI = (b_q * tl.exp(tl.where(in_I, b_c - b_I[None, :], float("-inf")))).to(dt)
-            b_kI = (b_k * tl.exp(tl.where(before_I, b_I[None, :] - b_c, float("-inf")))).to(dt)
+            b_kI = (b_k * tl.exp(tl.where(upto_I, tl.minimum(b_e, span_max), float("-inf")))).to(dt)
             b_A += _dot(b_qI, tl.trans(b_kI))
-    off = (r // SUB)[:, None] != (r // SUB)[None, :]  # the diagonal blocks: _diag_kernel
-    tl.store(A + (rows * H + i_h)[:, None] * BT + r[None, :], b_A, mask=valid[:, None] & off)
+    tl.store(flags + i_t * H + i_h, (tl.max(b_span, 0) > span_max).to(tl.int32))
+    b_A = tl.where(_keep(BT, ANTI), b_A, 0.0)
+    _put(A, b_A, row0, dr, valid, i_h, tl.arange(0, BT), H, BT)
 
 
 @triton.jit
 def _diag_kernel(
-    q, k, g, A, chunk_first, chunk_seq, cu_seqlens, T,
+    q, k, g, A, flags, chunk_first, chunk_seq, cu_seqlens, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr, KC: tl.constexpr,
     ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """The diagonal block of sub-chunk ``m`` of chunk ``i_t``, head ``i_h`` in ``A`` (:func:`_diag_scores`)."""
-    M: tl.constexpr = BT // SUB
-    i_t, m, i_h = tl.program_id(0) // M, tl.program_id(0) % M, tl.program_id(1)
-    i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
-    bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
-    t, valid = _chunk_rows(i_c * (BT // SUB) + m, Tn, SUB, ANTI)  # sub-chunk m of chunk i_c
-    b_A = _diag_scores(q, k, g, bos, t, valid, Tn, i_h, H, K, SUB, KC, ANTI)
-    cols = m * SUB + tl.arange(0, SUB)
-    tl.store(A + ((bos + t) * H + i_h)[:, None] * BT + cols[None, :], b_A, mask=valid[:, None])
-
-
-@triton.jit
-def _scores_tile(A, rows, valid, i_h, H: tl.constexpr, BT: tl.constexpr):
-    """The chunk's ``A [BT, BT]`` written by :func:`_scores_kernel` (zero rows past the end)."""
-    r = tl.arange(0, BT)
-    return tl.load(A + (rows * H + i_h)[:, None] * BT + r[None, :], mask=valid[:, None], other=0.0)
+    """The diagonal blocks of chunk ``i_t``, head ``i_h`` in ``A`` (:func:`_diag_scores`), one
+    sub-chunk after the other, where :func:`_scores_kernel` flagged the chunk; else nothing."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    if tl.load(flags + i_t * H + i_h) != 0:
+        i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
+        bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
+        for m in range(BT // SUB):
+            t, valid = _chunk_rows(i_c * (BT // SUB) + m, Tn, SUB, ANTI)  # sub-chunk m of chunk i_c
+            row0, dr, _ = _rows_of(i_c * (BT // SUB) + m, bos, Tn, SUB, ANTI)
+            b_A = _diag_scores(q, k, g, bos, t, row0, dr, valid, Tn, i_h, H, K, SUB, KC, ANTI)
+            _put(A, b_A, row0, dr, valid, i_h, m * SUB + tl.arange(0, SUB), H, BT)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -164,71 +216,56 @@ def _output_kernel(
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     dt = v.dtype.element_ty
     t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    rows = bos + t
+    row0, dr, _ = _rows_of(i_c, bos, Tn, BT, ANTI)
     cv = i_v * BV + tl.arange(0, BV)
-    b_o = _dot(_scores_tile(A, rows, valid, i_h, H, BT).to(dt), _tile(v + i_h * V, rows, valid, cv, V, H * V))
+    b_o = _dot(_load(A, row0, dr, valid, i_h, tl.arange(0, BT), H, BT).to(dt), _load(v, row0, dr, valid, i_h, cv, H, V))
     for i_k in range(tl.cdiv(K, KB)):
         ck = i_k * KB + tl.arange(0, KB)
-        b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+        b_q = _load(q, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
         b_c = tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI), 0)
-        b_S = _state_tile(states, i_t, i_h, ck, cv, H, K, V).to(dt)
+        b_S = _state(states, i_t, i_h, ck, cv, H, K, V).to(dt)
         b_o += _dot((b_q * tl.exp(b_c)).to(dt), b_S)
-    _store(o + i_h * V, scale * b_o, rows, valid, cv, V, H * V)
+    _put(o, scale * b_o, row0, dr, valid, i_h, cv, H, V)
 
 
 # ----------------------------------------------------------------------------- backward
 
 
 @triton.jit
-def _dA_kernel(
-    v, do, dA, chunk_first, chunk_seq, cu_seqlens, T,
-    H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
-):
-    """``dA = do v^T [BT, BT]`` (fp32, unmasked) of chunk ``i_t``, head ``i_h``, stored as ``A``."""
-    i_t, i_h = tl.program_id(0), tl.program_id(1)
-    i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
-    bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
-    t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    rows = bos + t
-    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_v in range(tl.cdiv(V, BV)):
-        cv = i_v * BV + tl.arange(0, BV)
-        b_dA += _dot(_tile(do + i_h * V, rows, valid, cv, V, H * V), tl.trans(_tile(v + i_h * V, rows, valid, cv, V, H * V)))
-    r = tl.arange(0, BT)
-    tl.store(dA + (rows * H + i_h)[:, None] * BT + r[None, :], b_dA, mask=valid[:, None])
-
-
-@triton.jit
 def _dqk_diag_kernel(
-    q, k, g, dA, dqd, dkd, chunk_first, chunk_seq, cu_seqlens, T,
-    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    q, k, v, g, do, flags, dqd, dkd, chunk_first, chunk_seq, cu_seqlens, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     SUB: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """The diagonal sub-chunk blocks' part of dq and dk / scale (fp32) for sub-chunk ``m`` of chunk
-    ``i_t``, head ``i_h``, channels ``i_k``: ``dA = do v^T`` inside the sub-chunk (from :func:`_dA_kernel`, masked),
+    """The diagonal sub-chunk blocks' part of dq and dk / scale (fp32) of chunk ``i_t``, head
+    ``i_h``, where :func:`_scores_kernel` flagged it (else nothing), one sub-chunk and ``BK``
+    channels at a time: ``dA = do v^T`` inside the sub-chunk (``BV`` columns at a time, masked),
     ``dqd_ik = sum_j dA_ij k_jk E_ijk`` and ``dkd_jk = sum_i dA_ij q_ik E_ijk`` (:func:`_decay3`)."""
-    M: tl.constexpr = BT // SUB
-    NK: tl.constexpr = (K + BK - 1) // BK
-    pid = tl.program_id(0)
-    i_t, m, i_k, i_h = pid // (M * NK), pid // NK % M, pid % NK, tl.program_id(1)
-    i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
-    bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
-    ck = i_k * BK + tl.arange(0, BK)
-    t, valid = _chunk_rows(i_c * (BT // SUB) + m, Tn, SUB, ANTI)  # sub-chunk m of chunk i_c
-    rows = bos + t
-    cols = m * SUB + tl.arange(0, SUB)
-    b_dA = tl.load(dA + (rows * H + i_h)[:, None] * BT + cols[None, :], mask=valid[:, None], other=0.0)
-    b_dA = tl.where(_keep(SUB, ANTI), b_dA, 0.0)
-    b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
-    b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
-    b_E = _decay3(tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, SUB, 2, ANTI), 0), SUB, ANTI)
-    _store(dqd + i_h * K, tl.sum(b_dA[:, :, None] * b_k[None, :, :] * b_E, 1), rows, valid, ck, K, H * K)
-    _store(dkd + i_h * K, tl.sum(b_dA[:, :, None] * b_q[:, None, :] * b_E, 0), rows, valid, ck, K, H * K)
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    if tl.load(flags + i_t * H + i_h) != 0:
+        i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
+        bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
+        for m in range(BT // SUB):
+            t, valid = _chunk_rows(i_c * (BT // SUB) + m, Tn, SUB, ANTI)  # sub-chunk m of chunk i_c
+            row0, dr, _ = _rows_of(i_c * (BT // SUB) + m, bos, Tn, SUB, ANTI)
+            b_dA = tl.zeros([SUB, SUB], dtype=tl.float32)
+            for i_v in range(tl.cdiv(V, BV)):
+                cv = i_v * BV + tl.arange(0, BV)
+                b_do = _load(do, row0, dr, valid, i_h, cv, H, V)
+                b_dA += _dot(b_do, tl.trans(_load(v, row0, dr, valid, i_h, cv, H, V)))
+            b_dA = tl.where(_keep(SUB, ANTI), b_dA, 0.0)
+            for i_k in range(tl.cdiv(K, BK)):
+                ck = i_k * BK + tl.arange(0, BK)
+                b_q = _load(q, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
+                b_k = _load(k, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
+                b_E = _decay3(tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, SUB, 2, ANTI), 0), SUB, ANTI)
+                _put(dqd, tl.sum(b_dA[:, :, None] * b_k[None, :, :] * b_E, 1), row0, dr, valid, i_h, ck, H, K)
+                _put(dkd, tl.sum(b_dA[:, :, None] * b_q[:, None, :] * b_E, 0), row0, dr, valid, i_h, ck, H, K)
 
 
 @triton.jit
 def _dqk_kernel(
-    q, k, v, g, states, dstates, do, dA, dqd, dkd, dq, dk, dg, chunk_first, chunk_seq, cu_seqlens, scale, T,
+    q, k, v, g, states, dstates, do, flags, dqd, dkd, dq, dk, dg, chunk_first, chunk_seq, cu_seqlens, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     SUB: tl.constexpr, HAS_Q: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
@@ -237,9 +274,11 @@ def _dqk_kernel(
         dq = scale * [(do S^T) * exp(c) + (dA * D) k],  dk = (v dS'^T) * exp(c_L - c) + scale * (dA * D)^T q
         dg = suffix sum of (q * dq - k * dk) + <dS', S'>
 
-    with ``dA = do v^T`` (:func:`_dA_kernel`), ``D_ijk = exp(c_ik - c_jk) [j <= i]``, ``S`` / ``dS'`` the state before / the
-    gradient of the state after the chunk. The diagonal sub-chunk blocks of ``D`` come from
-    :func:`_dqk_diag_kernel` (``dqd``, ``dkd``); the rest, one product pair per later sub-chunk."""
+    with ``dA = do v^T``, ``D_ijk = exp(c_ik - c_jk) [j <= i]``, ``S`` / ``dS'`` the
+    state before / the gradient of the state after the chunk. ``(dA * D)`` by one product pair per
+    sub-chunk ``I`` referenced at its start, keys up to its end; in chunks flagged by
+    :func:`_scores_kernel` keys before it only, the diagonal blocks from :func:`_dqk_diag_kernel`
+    (``dqd``, ``dkd``)."""
     NK = (K + BK - 1) // BK
     i_t, i_k, i_h = tl.program_id(0) // NK, tl.program_id(0) % NK, tl.program_id(1)
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
@@ -247,25 +286,28 @@ def _dqk_kernel(
     dt = k.dtype.element_ty
     ck = i_k * BK + tl.arange(0, BK)
     t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    rows = bos + t
-    b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+    rows = bos + t  # the gate's gradient
+    row0, dr, valid = _rows_of(i_c, bos, Tn, BT, ANTI)
+    b_k = _load(k, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
     b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI)
     b_c = tl.cumsum(b_g, 0)
     b_cl = tl.sum(b_g, 0)
-    # state parts over columns BV at a time: dk_s = v dS'^T, dq_s = do S^T, <S, dS'> per row
+    # over columns BV at a time: the state parts dk_s = v dS'^T, dq_s = do S^T, <S, dS'> per row; dA = do v^T
     b_dks = tl.zeros([BT, BK], dtype=tl.float32)
     b_dqs = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     b_SdS = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         cv = i_v * BV + tl.arange(0, BV)
-        b_v = _tile(v + i_h * V, rows, valid, cv, V, H * V)
-        b_S = _state_tile(states, i_t, i_h, ck, cv, H, K, V)
-        b_dS = _state_tile(dstates, i_t, i_h, ck, cv, H, K, V)
+        b_v = _load(v, row0, dr, valid, i_h, cv, H, V)
+        b_S = _state(states, i_t, i_h, ck, cv, H, K, V)
+        b_dS = _state(dstates, i_t, i_h, ck, cv, H, K, V)
         b_dks += _dot_split(b_v, tl.trans(b_dS), False)
         b_SdS += tl.sum(b_S * b_dS, 1)
         if HAS_Q:
-            b_do = _tile(do + i_h * V, rows, valid, cv, V, H * V)
+            b_do = _load(do, row0, dr, valid, i_h, cv, H, V)
             b_dqs += _dot_split(b_do, tl.trans(b_S), False)
+            b_dA += _dot(b_do, tl.trans(b_v))
     b_dks *= tl.exp(b_cl[None, :] - b_c)
     # <dS', S'> with S' = diag(exp(c_L)) S + (k * exp(c_L - c))^T v: exp(c_L) <S, dS'> + sum_j k_j * dk_j
     # (the state part of dk), carried into the gate's gradient of every row of the chunk
@@ -273,21 +315,25 @@ def _dqk_kernel(
     b_x = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     if HAS_Q:
-        b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
-        b_dA = _scores_tile(dA, rows, valid, i_h, H, BT).to(dt)  # do v^T
-        b_dq = _tile(dqd + i_h * K, rows, valid, ck, K, H * K)  # dq and dk / scale from the diagonal blocks
-        b_dk = _tile(dkd + i_h * K, rows, valid, ck, K, H * K)
-        for I in tl.static_range(1, BT // SUB):
-            in_I, before_I, b_I = _boundary(b_c, I, SUB, BT)
+        flagged = tl.load(flags + i_t * H + i_h)
+        r = tl.arange(0, BT)
+        b_q = _load(q, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
+        b_dA = tl.where(_keep(BT, ANTI), b_dA, 0.0).to(dt)
+        diag = valid & (tl.zeros([BT], dtype=tl.int32) + flagged != 0)  # flagged: the diagonal blocks
+        b_dq = _load(dqd, row0, dr, diag, i_h, ck, H, K)
+        b_dk = _load(dkd, row0, dr, diag, i_h, ck, H, K)
+        for I in range(0, BT // SUB):  # a loop: unrolled, the compiler keeps every step's tiles (spill)
+            in_I, _, b_I = _boundary(b_c, I, SUB, BT)
+            keys = (r < (I + 1 - flagged) * SUB)[:, None]  # up to the end of I; flagged: before I
             b_eq = tl.exp(tl.where(in_I, b_c - b_I[None, :], float("-inf")))
-            b_ek = tl.exp(tl.where(before_I, b_I[None, :] - b_c, float("-inf")))
+            b_ek = tl.exp(tl.where(keys, b_I[None, :] - b_c, float("-inf")))
             b_dq += b_eq * _dot(b_dA, (b_k * b_ek).to(dt))
             b_dk += b_ek * _dot(tl.trans(b_dA), (b_q * b_eq).to(dt))
         b_dq = scale * (b_dqs * tl.exp(b_c) + b_dq)
-        _store(dq + i_h * K, b_dq, rows, valid, ck, K, H * K)
+        _put(dq, b_dq, row0, dr, valid, i_h, ck, H, K)
         b_x = b_q * b_dq
     b_dk = b_dks + scale * b_dk
-    _store(dk + i_h * K, b_dk, rows, valid, ck, K, H * K)
+    _put(dk, b_dk, row0, dr, valid, i_h, ck, H, K)
     b_x -= b_k * b_dk
     _store_gate_grad(dg, b_carry[None, :] + _suffix(b_x), rows, t, valid, Tn, i_h, ck, H, K, 2, ANTI)
 
@@ -306,40 +352,43 @@ def _dv_kernel(
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     dt = k.dtype.element_ty
     t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    rows = bos + t
+    row0, dr, _ = _rows_of(i_c, bos, Tn, BT, ANTI)
     cv = i_v * BV + tl.arange(0, BV)
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)
     if HAS_Q:
-        b_A = _scores_tile(A, rows, valid, i_h, H, BT)
-        b_dv += scale * _dot(tl.trans(b_A).to(dt), _tile(do + i_h * V, rows, valid, cv, V, H * V))
+        b_A = _load(A, row0, dr, valid, i_h, tl.arange(0, BT), H, BT)
+        b_dv += scale * _dot(tl.trans(b_A).to(dt), _load(do, row0, dr, valid, i_h, cv, H, V))
     for i_k in range(tl.cdiv(K, KB)):
         ck = i_k * KB + tl.arange(0, KB)
-        b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K).to(tl.float32)
+        b_k = _load(k, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
         b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI)
         b_kd = b_k * tl.exp(tl.sum(b_g, 0)[None, :] - tl.cumsum(b_g, 0))
-        b_dv += _dot(b_kd.to(dt), _state_tile(dstates, i_t, i_h, ck, cv, H, K, V).to(dt))
-    _store(dv + i_h * V, b_dv, rows, valid, cv, V, H * V)
+        b_dv += _dot(b_kd.to(dt), _state(dstates, i_t, i_h, ck, cv, H, K, V).to(dt))
+    _put(dv, b_dv, row0, dr, valid, i_h, cv, H, V)
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
-def scores(q: Tensor, k: Tensor, g: Tensor, chunks, anticausal: bool, BT: int) -> Tensor:
-    """``_scores_kernel`` over every chunk: ``A [B, T, H, BT]`` (fp32)."""
+def scores(q: Tensor, k: Tensor, g: Tensor, chunks, anticausal: bool, BT: int) -> tuple[Tensor, Tensor]:
+    """``_scores_kernel`` over every chunk, then ``_diag_kernel`` (exact diagonal blocks where flagged):
+    ``A [B, T, H, BT]`` in k's dtype (the products read it so) and the flags ``[chunks, H]`` (int32)."""
     B, T, H, K = k.shape
-    A = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
+    A = torch.empty(B, T, H, BT, dtype=k.dtype, device=k.device)
+    flags = torch.empty(chunks.count, H, dtype=torch.int32, device=k.device)
     varlen = chunks.cu_seqlens is not None
+    span_max = 0.0 if k.dtype == torch.float16 else SPAN_MAX
     _scores_kernel[(chunks.count, H)](
-        q, k, g, A, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T,
+        q, k, g, A, flags, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, span_max,
         H=H, K=K, BT=BT, KB=min(KB, _pow2(K)), SUB=SUB, ANTI=anticausal,
         IS_VARLEN=varlen, num_warps=SCORES_WARPS, num_stages=SCORES_STAGES,
     )
-    _diag_kernel[(chunks.count * (BT // SUB), H)](
-        q, k, g, A, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T,
+    _diag_kernel[(chunks.count, H)](
+        q, k, g, A, flags, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T,
         H=H, K=K, BT=BT, SUB=SUB, KC=min(KC, _pow2(K)), ANTI=anticausal,
         IS_VARLEN=varlen, num_warps=DIAG_A_WARPS, num_stages=DIAG_A_STAGES,
     )
-    return A
+    return A, flags
 
 
 def outputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor, states: Tensor, chunks, scale: float, anticausal: bool,
@@ -348,9 +397,9 @@ def outputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor, states: Tensor, chunks, 
     B, T, H, K = q.shape
     V = v.shape[-1]
     BV = min(_pow2(V), OUT_BV)
-    A = scores(q, k, g, chunks, anticausal, BT)
+    A, flags = scores(q, k, g, chunks, anticausal, BT)
     if gla_chunk.SAVE_STATES:  # kept with the chunks (ctx.chunks) for the backward, as the states are
-        chunks.scores = A
+        chunks.scores = A, flags
     o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
     _output_kernel[(chunks.count * triton.cdiv(V, BV), H)](
         q, g, v, A, states, o, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
@@ -362,7 +411,7 @@ def outputs(q: Tensor, k: Tensor, v: Tensor, g: Tensor, states: Tensor, chunks, 
 
 def backward(q, k, v, g, states, dstates, do, chunks, scale: float, anticausal: bool, BT: int):
     """dq (None without q), dk, dv and dg of every chunk from the states before and the state
-    gradients after each chunk (the forward's scores, else computed again); dg in g's dtype."""
+    gradients after each chunk (the forward's scores and flags, else computed again); dg in g's dtype."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     BKF, BVF = _pow2(K), _pow2(V)
@@ -372,27 +421,20 @@ def backward(q, k, v, g, states, dstates, do, chunks, scale: float, anticausal: 
     # every row of a causal pass stores its gate's gradient; the anticausal pass never reads the first gate
     dg = torch.zeros_like(g) if anticausal or chunks.cu_seqlens is not None else torch.empty_like(g)
     common = dict(H=H, K=K, V=V, BT=BT, HAS_Q=q is not None, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None)
-    dA = dqd = dkd = None
+    A = flags = dqd = dkd = None
     if q is not None:
-        dA = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
-        _dA_kernel[(chunks.count, H)](
-            v, do, dA, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, H=H, V=V, BT=BT, BV=min(BVF, DA_BV),
-            ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None, num_warps=DA_WARPS, num_stages=DA_STAGES,
-        )
+        A, flags = getattr(chunks, "scores", None) or scores(q, k, g, chunks, anticausal, BT)
+        # written (and read) only in flagged chunks
         dqd, dkd = (torch.empty(B, T, H, K, dtype=torch.float32, device=k.device) for _ in range(2))
-        BKD = min(BKF, DIAG_BK)
-        _dqk_diag_kernel[(chunks.count * (BT // SUB) * triton.cdiv(K, BKD), H)](
-            q, k, g, dA, dqd, dkd, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, H=H, K=K, BT=BT,
-            BK=BKD, SUB=SUB, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None,
-            num_warps=DIAG_WARPS, num_stages=1,
+        _dqk_diag_kernel[(chunks.count, H)](
+            q, k, v, g, do, flags, dqd, dkd, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, H=H, K=K, V=V,
+            BT=BT, BK=min(BKF, DIAG_BK), BV=min(BVF, DQK_BV), SUB=SUB, ANTI=anticausal,
+            IS_VARLEN=chunks.cu_seqlens is not None, num_warps=DIAG_WARPS, num_stages=1,
         )
     _dqk_kernel[(chunks.count * triton.cdiv(K, BK), H)](
-        q, k, v, g, states, dstates, do, dA, dqd, dkd, dq, dk, dg, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
-        BK=BK, BV=min(BVF, DQK_BV), SUB=SUB, num_warps=DQK_WARPS, num_stages=DQK_STAGES, **common,
+        q, k, v, g, states, dstates, do, flags, dqd, dkd, dq, dk, dg, chunks.first, chunks.seq, chunks.cu_seqlens,
+        scale, chunks.T, BK=BK, BV=min(BVF, DQK_BV), SUB=SUB, num_warps=DQK_WARPS, num_stages=DQK_STAGES, **common,
     )
-    A = getattr(chunks, "scores", None)
-    if A is None and q is not None:
-        A = scores(q, k, g, chunks, anticausal, BT)
     _dv_kernel[(chunks.count * triton.cdiv(V, BV), H)](
         k, g, A, dstates, do, dv, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,
         KB=min(KB, BKF), BV=BV, num_warps=DV_WARPS, num_stages=DV_STAGES, **common,

@@ -57,6 +57,16 @@ CASES["CS-head-seg-fp16"] = dict(op="gla", pattern="CS", gate="head", T=65, dtyp
 CASES["CS-head-fp16"] = dict(op="gla", pattern="CS", gate="head", T=65, dtype="float16")
 CASES["CS-channel-fp16"] = dict(op="gla", pattern="CS", gate="channel", B=1, T=40, chunk=32, dtype="float16")
 TOL = {"float32": 1e-5, "float16": 3e-3}
+# per-channel gates decaying strongly (log gates x 30 in the first `strong` tokens: sub-chunk spans
+# past SPAN_MAX): the exact diagonal blocks in those chunks, the tensor-core ones after them
+STRONG = {
+    "CS-channel-strong-chunk64": dict(op="gla", pattern="CS", gate="channel", B=1, T=100, chunk=64, dtype="float32",
+                                      seed=14, strong=64),
+    "NS-channel-strong-chunk32": dict(op="gla", pattern="NS", gate="channel", T=40, chunk=32, dtype="float32",
+                                      seed=15, strong=40),
+    "varlen-channel-strong": dict(op="gla", pattern="CS", gate="channel", T=0, cu=[0, 1, 9, 45, 70], chunk=32,
+                                  dtype="float32", strong=30),
+}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -65,6 +75,34 @@ def test_matches_reference(results, name):
     assert set(errors) >= {"o", "final_state", "dq", "dk", "dv", "dinitial_state"}
     tol = TOL[CASES[name]["dtype"]]
     assert max(errors.values()) < tol, errors
+
+
+def run_strong_gate(case: dict) -> dict[str, float]:
+    """:func:`tests.kernels.cases.run_case` with the log gates of the first ``case["strong"]`` tokens x 30."""
+    from tests.kernels import cases
+
+    inputs = cases._inputs
+
+    def strong(case, gen):
+        x = inputs(case, gen)
+        x["g"][:, : case["strong"]] *= 30
+        return x
+
+    cases._inputs = strong
+    try:
+        return cases.run_case(case)
+    finally:
+        cases._inputs = inputs
+
+
+@pytest.mark.parametrize("name", list(STRONG))
+def test_strong_channel_gate(interpreter_pool, name):
+    from seqmix.kernels import gla_channel
+
+    assert 16 * 30 * 0.1 > gla_channel.SPAN_MAX  # the scaled gates (about -0.13 x 30 per token) pass it
+    errors = interpreter_pool.apply_async(run_strong_gate, (STRONG[name],)).get(timeout=600)
+    assert set(errors) >= {"o", "dq", "dk", "dv", "dg"}
+    assert max(errors.values()) < TOL["float32"], errors
 
 
 def test_triton_needs_cuda_or_the_interpreter():
