@@ -19,6 +19,8 @@ state it reads or sums for the whole split, and reads every token once:
 - ``_bwd_q_kernel``: ``dq`` and the partials of ``dS`` and ``dz`` from one read of ``q`` and ``do``;
 - ``_bwd_kv_kernel``: ``dk`` and ``dv``.
 
+``z`` and ``dz`` are products too (``phi(k)^T`` times a column of ones, ``phi(q)^T`` times ``dden``
+split into its rounding to the input dtype and the remainder), so no step reduces across warps.
 Whole rows per program (``K, V <= 128``). Float32 inputs: products to float32 accuracy
 (``tf32x3``); bf16/fp16: the mapped features, states and ``g`` rounded to the input dtype for the
 tensor cores, float32 accumulation, the normaliser in float32.
@@ -36,7 +38,7 @@ from seqmix.kernels.shared_state import _dot, _pow2
 FEATURE_MAPS = {"identity": 0, "elu": 1, "relu": 2}
 MAX_DIM = 128  # K and V the fused path takes (whole rows per program)
 # per launch: tokens per step, warps, software-pipelining stages
-CONFIG = {"sum": (64, 8, 3), "fwd": (64, 8, 3), "bwd_q": (64, 8, 2), "bwd_kv": (64, 8, 3)}
+CONFIG = {"sum": (64, 4, 3), "fwd": (64, 4, 3), "bwd_q": (32, 8, 2), "bwd_kv": (128, 16, 2)}  # H100, Triton 3.6
 MIN_SPLIT = 512  # fewest tokens per program
 TARGET_PROGRAMS = 1024  # splits are added until a launch has this many programs
 
@@ -91,6 +93,15 @@ def _row(p, i_bh, D: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
+def _prefetch(x, i_b, i_h, t0, end, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """The ``[BT, BD]`` tile of x at tokens ``t0 ..`` (zero from ``end``): loaded a step ahead by hand where
+    the compiler's pipelining leaves a load in the loop (its users are not only products)."""
+    t = t0 + tl.arange(0, BT)
+    offs, mask = _tile(i_b.to(tl.int64) * T + t, t < end, i_h, H, D, BD)
+    return tl.load(x + offs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _state(p, i_bh, DX: tl.constexpr, DY: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr, TRANS: tl.constexpr):
     """Pointers and mask of state ``i_bh`` of a ``[B * H, DX, DY]`` tensor as ``[BX, BY]``, or its
     transpose as ``[BY, BX]`` if ``TRANS``."""
@@ -99,6 +110,16 @@ def _state(p, i_bh, DX: tl.constexpr, DY: tl.constexpr, BX: tl.constexpr, BY: tl
     if TRANS:
         return base + cx[None, :] * DY + cy[:, None], (cx < DX)[None, :] & (cy < DY)[:, None]
     return base + cx[:, None] * DY + cy[None, :], (cx < DX)[:, None] & (cy < DY)[None, :]
+
+
+@triton.jit
+def _split_cols(x, keep, dtype: tl.constexpr):
+    """``[BT, 16]`` product operand in ``dtype``: column 0 ``x`` rounded to dtype, column 1 its rounding
+    error (so ``A^T`` times it, summed over columns, is ``A^T x`` to ~16 bits), zero rows where not ``keep``."""
+    hi = x.to(dtype).to(tl.float32)
+    c = tl.arange(0, 16)[None, :]
+    cols = tl.where(c == 0, hi[:, None], tl.where(c == 1, (x - hi)[:, None], 0.0))
+    return tl.where(keep[:, None], cols, 0.0).to(dtype)
 
 
 @triton.jit
@@ -112,7 +133,7 @@ def _sum_kernel(
     i_s, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     acc = tl.zeros([BK, BV], dtype=tl.float32)
-    zacc = tl.zeros([BK], dtype=tl.float32)
+    zacc = tl.zeros([BK, 16], dtype=tl.float32)  # z in column 0: a product with ones, no reduction per step
     start = i_s * split_len
     for t0 in range(start, tl.minimum(start + split_len, T), BT):
         t = t0 + tl.arange(0, BT)
@@ -121,15 +142,16 @@ def _sum_kernel(
         ov, mv = _tile(rows, valid, i_h, H, V, BV)
         b_k = tl.load(k + ok, mask=mk, other=0.0)
         b_v = tl.load(v + ov, mask=mv, other=0.0)  # rows past T are zero: their phi(0) adds nothing to S
-        acc += _dot(tl.trans(_features(b_k, PHI)), b_v)
+        b_kft = tl.trans(_features(b_k, PHI))
+        acc += _dot(b_kft, b_v)
         if NORM:
-            zacc += tl.sum(tl.where(valid[:, None], _phi(b_k, PHI), 0.0), axis=0)
+            zacc += _dot(b_kft, _split_cols(tl.full([BT], 1.0, tl.float32), valid, b_k.dtype))
     i_out = i_s.to(tl.int64) * tl.num_programs(1) + i_bh
     p, m = _state(S, i_out, K, V, BK, BV, False)
     tl.store(p, acc, mask=m)
     if NORM:
         ck = tl.arange(0, BK)
-        tl.store(z + i_out * K + ck, zacc, mask=ck < K)
+        tl.store(z + i_out * K + ck, tl.sum(zacc, axis=1), mask=ck < K)
 
 
 @triton.jit
@@ -153,8 +175,7 @@ def _fwd_kernel(
         b_q = tl.load(q + oq, mask=mq, other=0.0)
         b_o = _dot(_features(b_q, PHI), b_S)
         if NORM:
-            b_den = tl.sum(_phi(b_q, PHI) * b_z[None, :], axis=1) + eps
-            b_o = b_o / b_den[:, None]
+            b_o = b_o * (1.0 / (tl.sum(_phi(b_q, PHI) * b_z[None, :], axis=1) + eps))[:, None]
         oo, mo = _tile(rows, valid, i_h, H, V, BV)
         tl.store(o + oo, b_o.to(o.dtype.element_ty), mask=mo)
 
@@ -174,34 +195,39 @@ def _bwd_q_kernel(
     b_St = tl.load(p, mask=m, other=0.0)
     b_z = _row(z, i_bh, K, BK) if NORM else tl.zeros([BK], dtype=tl.float32)
     acc = tl.zeros([BK, BV], dtype=tl.float32)
-    zacc = tl.zeros([BK], dtype=tl.float32)
+    zacc = tl.zeros([BK, 16], dtype=tl.float32)  # dz in columns 0 and 1 (dden split in two for the product)
     start = i_s * split_len
-    for t0 in range(start, tl.minimum(start + split_len, T), BT):
+    end = tl.minimum(start + split_len, T)
+    b_q_next = _prefetch(q, i_b, i_h, start, end, T, H, K, BT, BK)
+    for t0 in range(start, end, BT):
         t = t0 + tl.arange(0, BT)
         rows, valid = i_b.to(tl.int64) * T + t, t < T
         oq, mq = _tile(rows, valid, i_h, H, K, BK)
         odo, mdo = _tile(rows, valid, i_h, H, V, BV)
-        b_q = tl.load(q + oq, mask=mq, other=0.0)
+        b_q = b_q_next
+        b_q_next = _prefetch(q, i_b, i_h, t0 + BT, end, T, H, K, BT, BK)
         b_do = tl.load(do + odo, mask=mdo, other=0.0)  # rows past T are zero: g, gs and dden are too
+        b_gs = _dot(b_do, b_St)  # den times gs
+        b_qft = tl.trans(_features(b_q, PHI))
         if NORM:
             b_qf = _phi(b_q, PHI)
-            b_den = tl.sum(b_qf * b_z[None, :], axis=1) + eps
-            b_g = (b_do.to(tl.float32) / b_den[:, None]).to(b_do.dtype)
-            b_gs = _dot(b_g, b_St)
-            b_dden = -tl.sum(b_qf * b_gs, axis=1) / b_den
+            b_r = 1.0 / (tl.sum(b_qf * b_z[None, :], axis=1) + eps)
+            b_gs = b_gs * b_r[:, None]
+            b_dden = -tl.sum(b_qf * b_gs, axis=1) * b_r
             b_dqf = b_gs + b_dden[:, None] * b_z[None, :]
-            zacc += tl.sum(b_qf * b_dden[:, None], axis=0)
+            b_g = (b_do.to(tl.float32) * b_r[:, None]).to(b_do.dtype)
+            zacc += _dot(b_qft, _split_cols(b_dden, valid, b_q.dtype))
         else:
+            b_dqf = b_gs
             b_g = b_do
-            b_dqf = _dot(b_do, b_St)
         tl.store(dq + oq, (b_dqf * _dphi(b_q, PHI)).to(dq.dtype.element_ty), mask=mq)
-        acc += _dot(tl.trans(_features(b_q, PHI)), b_g)
+        acc += _dot(b_qft, b_g)
     i_out = i_s.to(tl.int64) * tl.num_programs(1) + i_bh
     p, m = _state(dS, i_out, K, V, BK, BV, False)
     tl.store(p, acc, mask=m)
     if NORM:
         ck = tl.arange(0, BK)
-        tl.store(dz + i_out * K + ck, zacc, mask=ck < K)
+        tl.store(dz + i_out * K + ck, tl.sum(zacc, axis=1), mask=ck < K)
 
 
 @triton.jit
