@@ -1,4 +1,6 @@
-"""Noncausal linear attention with a feature map and normaliser, fused, in Triton.
+"""Linear attention in which every query reads one state, in Triton: noncausal, with a feature map
+and normaliser fused (this op), and the shared state of :mod:`seqmix.kernels.shared_state`
+(identity features, no normaliser: the no-gate noncausal patterns of gated linear attention).
 
 Per sequence and head, with ``kf = phi(k)``, ``qf = phi(q)`` (``phi`` applied on load: ``elu``
 is ``elu(x) + 1``, ``relu``, ``identity``)::
@@ -15,15 +17,17 @@ one sequence's tokens (splits added until a launch has ~``TARGET_PROGRAMS`` prog
 state it reads or sums for the whole split, and reads every token once:
 
 - ``_sum_kernel``: float32 partials of ``S`` and ``z`` per split (added in a fixed order);
-- ``_fwd_kernel``: ``o`` (``den`` recomputed from ``qf`` and ``z``, nothing else stored);
+- ``_read_kernel``: ``o`` (``den`` recomputed from ``qf`` and ``z``, nothing else stored);
 - ``_bwd_q_kernel``: ``dq`` and the partials of ``dS`` and ``dz`` from one read of ``q`` and ``do``;
 - ``_bwd_kv_kernel``: ``dk`` and ``dv``.
 
 ``z`` and ``dz`` are products too (``phi(k)^T`` times a column of ones, ``phi(q)^T`` times ``dden``
 split into its rounding to the input dtype and the remainder), so no step reduces across warps.
-Whole rows per program (``K, V <= 128``). Float32 inputs: products to float32 accuracy
-(``tf32x3``); bf16/fp16: the mapped features, states and ``g`` rounded to the input dtype for the
-tensor cores, float32 accumulation, the normaliser in float32.
+The backward kernels hold whole rows (``K, V <= MAX_DIM``); the sum and the read take states in
+blocks of at most ``MAX_DIM`` squared, so that past it (identity features, no normaliser only) the
+backward is a read and a sum for ``dq, dS`` and two reads for ``dk, dv``. Float32 inputs: products
+to float32 accuracy (``tf32x3``); bf16/fp16: the mapped features, states and ``g`` rounded to the
+input dtype for the tensor cores, float32 accumulation, the normaliser in float32.
 """
 
 from __future__ import annotations
@@ -33,14 +37,26 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from seqmix.kernels.shared_state import _dot, _pow2
-
 FEATURE_MAPS = {"identity": 0, "elu": 1, "relu": 2}
-MAX_DIM = 128  # K and V the fused path takes (whole rows per program)
+MAX_DIM = 128  # K and V the fused kernels take (whole rows per program); the widest state block
 # per launch: tokens per step, warps, software-pipelining stages
 CONFIG = {"sum": (64, 4, 3), "fwd": (64, 4, 3), "bwd_q": (32, 8, 2), "bwd_kv": (128, 16, 2)}  # H100, Triton 3.6
 MIN_SPLIT = 512  # fewest tokens per program
 TARGET_PROGRAMS = 1024  # splits are added until a launch has this many programs
+
+
+@triton.jit
+def _dot(a, b):
+    """``a @ b`` in fp32; float32 operands to float32 accuracy (``tf32x3``)."""
+    if a.dtype == tl.float32:
+        out = tl.dot(a, b, input_precision="tf32x3")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
 
 
 @triton.jit
@@ -78,10 +94,10 @@ def _features(x, PHI: tl.constexpr):
 
 
 @triton.jit
-def _tile(rows, valid, i_h, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
-    """Offsets and mask of the ``[BT, BD]`` tile of rows ``rows`` (flat ``b * T + t``) of head ``i_h``
-    in a ``[B, T, H, D]`` tensor."""
-    c = tl.arange(0, BD)
+def _tile(rows, valid, i_h, c0, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    """Offsets and mask of the ``[BT, BD]`` tile of rows ``rows`` (flat ``b * T + t``), columns ``c0 ..``,
+    of head ``i_h`` in a ``[B, T, H, D]`` tensor."""
+    c = c0 + tl.arange(0, BD)
     return rows[:, None] * (H * D) + i_h * D + c[None, :], valid[:, None] & (c < D)[None, :]
 
 
@@ -97,15 +113,16 @@ def _prefetch(x, i_b, i_h, t0, end, T, H: tl.constexpr, D: tl.constexpr, BT: tl.
     """The ``[BT, BD]`` tile of x at tokens ``t0 ..`` (zero from ``end``): loaded a step ahead by hand where
     the compiler's pipelining leaves a load in the loop (its users are not only products)."""
     t = t0 + tl.arange(0, BT)
-    offs, mask = _tile(i_b.to(tl.int64) * T + t, t < end, i_h, H, D, BD)
+    offs, mask = _tile(i_b.to(tl.int64) * T + t, t < end, i_h, 0, H, D, BD)
     return tl.load(x + offs, mask=mask, other=0.0)
 
 
 @triton.jit
-def _state(p, i_bh, DX: tl.constexpr, DY: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr, TRANS: tl.constexpr):
-    """Pointers and mask of state ``i_bh`` of a ``[B * H, DX, DY]`` tensor as ``[BX, BY]``, or its
-    transpose as ``[BY, BX]`` if ``TRANS``."""
-    cx, cy = tl.arange(0, BX), tl.arange(0, BY)
+def _state(p, i_bh, x0, y0, DX: tl.constexpr, DY: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr,
+           TRANS: tl.constexpr):
+    """Pointers and mask of the ``[BX, BY]`` block at rows ``x0 ..``, columns ``y0 ..`` of state ``i_bh``
+    of a ``[B * H, DX, DY]`` tensor, or of its transpose ``[BY, BX]`` if ``TRANS``."""
+    cx, cy = x0 + tl.arange(0, BX), y0 + tl.arange(0, BY)
     base = p + i_bh.to(tl.int64) * DX * DY
     if TRANS:
         return base + cx[None, :] * DY + cy[:, None], (cx < DX)[None, :] & (cy < DY)[:, None]
@@ -124,59 +141,65 @@ def _split_cols(x, keep, dtype: tl.constexpr):
 
 @triton.jit
 def _sum_kernel(
-    k, v, S, z, T, split_len,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    x, y, S, z, T, split_len,
+    H: tl.constexpr, DX: tl.constexpr, DY: tl.constexpr, BT: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr,
     PHI: tl.constexpr, NORM: tl.constexpr,
 ):
-    """``S[split, b, h] = phi(k)^T v`` ``[K, V]`` over the split's tokens and, if ``NORM``,
-    ``z[split, b, h] = sum_t phi(k_t)`` ``[K]``; float32."""
-    i_s, i_bh = tl.program_id(0), tl.program_id(1)
+    """Block ``(i_x, i_y)`` (program axis 2) of ``S[split, b, h] = phi(x)^T y`` ``[DX, DY]`` over the split's
+    tokens and, if ``NORM`` (one column block), ``z[split, b, h] = sum_t phi(x_t)`` ``[DX]``; float32."""
+    i_s, i_bh, i_xy = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    acc = tl.zeros([BK, BV], dtype=tl.float32)
-    zacc = tl.zeros([BK, 16], dtype=tl.float32)  # z in column 0: a product with ones, no reduction per step
+    NY: tl.constexpr = triton.cdiv(DY, BY)
+    x0, y0 = (i_xy // NY) * BX, (i_xy % NY) * BY
+    acc = tl.zeros([BX, BY], dtype=tl.float32)
+    zacc = tl.zeros([BX, 16], dtype=tl.float32)  # z in column 0: a product with ones, no reduction per step
     start = i_s * split_len
     for t0 in range(start, tl.minimum(start + split_len, T), BT):
         t = t0 + tl.arange(0, BT)
         rows, valid = i_b.to(tl.int64) * T + t, t < T
-        ok, mk = _tile(rows, valid, i_h, H, K, BK)
-        ov, mv = _tile(rows, valid, i_h, H, V, BV)
-        b_k = tl.load(k + ok, mask=mk, other=0.0)
-        b_v = tl.load(v + ov, mask=mv, other=0.0)  # rows past T are zero: their phi(0) adds nothing to S
-        b_kft = tl.trans(_features(b_k, PHI))
-        acc += _dot(b_kft, b_v)
+        ox, mx = _tile(rows, valid, i_h, x0, H, DX, BX)
+        oy, my = _tile(rows, valid, i_h, y0, H, DY, BY)
+        b_x = tl.load(x + ox, mask=mx, other=0.0)
+        b_y = tl.load(y + oy, mask=my, other=0.0)  # rows past T are zero: their phi(0) adds nothing to S
+        b_xft = tl.trans(_features(b_x, PHI))
+        acc += _dot(b_xft, b_y)
         if NORM:
-            zacc += _dot(b_kft, _split_cols(tl.full([BT], 1.0, tl.float32), valid, b_k.dtype))
+            zacc += _dot(b_xft, _split_cols(tl.full([BT], 1.0, tl.float32), valid, b_x.dtype))
     i_out = i_s.to(tl.int64) * tl.num_programs(1) + i_bh
-    p, m = _state(S, i_out, K, V, BK, BV, False)
+    p, m = _state(S, i_out, x0, y0, DX, DY, BX, BY, False)
     tl.store(p, acc, mask=m)
     if NORM:
-        ck = tl.arange(0, BK)
-        tl.store(z + i_out * K + ck, tl.sum(zacc, axis=1), mask=ck < K)
+        cx = x0 + tl.arange(0, BX)
+        tl.store(z + i_out * DX + cx, tl.sum(zacc, axis=1), mask=cx < DX)
 
 
 @triton.jit
-def _fwd_kernel(
-    q, S, z, o, eps, T, split_len,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PHI: tl.constexpr, NORM: tl.constexpr,
+def _read_kernel(
+    x, S, z, o, eps, T, split_len,
+    H: tl.constexpr, DI: tl.constexpr, DO: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr,
+    PHI: tl.constexpr, NORM: tl.constexpr, TRANS: tl.constexpr,
 ):
-    """``o_t = phi(q_t) S / den_t`` over the split, ``den_t = phi(q_t) . z + eps`` (``1`` unless ``NORM``);
-    ``S`` in the inputs' dtype."""
-    i_s, i_bh = tl.program_id(0), tl.program_id(1)
+    """Columns block ``i_o`` (program axis 2) of ``o_t = phi(x_t) S / den_t`` over the split,
+    ``den_t = phi(x_t) . z + eps`` (``1`` unless ``NORM``); ``S [DI, DO]`` in the inputs' dtype, or
+    ``S^T`` of a stored ``[DO, DI]`` if ``TRANS``."""
+    i_s, i_bh, i_o = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    p, m = _state(S, i_bh, K, V, BK, BV, False)
+    if TRANS:
+        p, m = _state(S, i_bh, i_o * BO, 0, DO, DI, BO, BI, True)
+    else:
+        p, m = _state(S, i_bh, 0, i_o * BO, DI, DO, BI, BO, False)
     b_S = tl.load(p, mask=m, other=0.0)
-    b_z = _row(z, i_bh, K, BK) if NORM else tl.zeros([BK], dtype=tl.float32)
+    b_z = _row(z, i_bh, DI, BI) if NORM else tl.zeros([BI], dtype=tl.float32)
     start = i_s * split_len
     for t0 in range(start, tl.minimum(start + split_len, T), BT):
         t = t0 + tl.arange(0, BT)
         rows, valid = i_b.to(tl.int64) * T + t, t < T
-        oq, mq = _tile(rows, valid, i_h, H, K, BK)
-        b_q = tl.load(q + oq, mask=mq, other=0.0)
-        b_o = _dot(_features(b_q, PHI), b_S)
+        ox, mx = _tile(rows, valid, i_h, 0, H, DI, BI)
+        b_x = tl.load(x + ox, mask=mx, other=0.0)
+        b_o = _dot(_features(b_x, PHI), b_S)
         if NORM:
-            b_o = b_o * (1.0 / (tl.sum(_phi(b_q, PHI) * b_z[None, :], axis=1) + eps))[:, None]
-        oo, mo = _tile(rows, valid, i_h, H, V, BV)
+            b_o = b_o * (1.0 / (tl.sum(_phi(b_x, PHI) * b_z[None, :], axis=1) + eps))[:, None]
+        oo, mo = _tile(rows, valid, i_h, i_o * BO, H, DO, BO)
         tl.store(o + oo, b_o.to(o.dtype.element_ty), mask=mo)
 
 
@@ -191,7 +214,7 @@ def _bwd_q_kernel(
     ``dz[split, b, h] = sum_t dden_t phi(q_t)``. ``den`` from ``z`` as in the forward; ``S`` in the inputs' dtype."""
     i_s, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    p, m = _state(S, i_bh, K, V, BK, BV, True)
+    p, m = _state(S, i_bh, 0, 0, K, V, BK, BV, True)
     b_St = tl.load(p, mask=m, other=0.0)
     b_z = _row(z, i_bh, K, BK) if NORM else tl.zeros([BK], dtype=tl.float32)
     acc = tl.zeros([BK, BV], dtype=tl.float32)
@@ -202,8 +225,8 @@ def _bwd_q_kernel(
     for t0 in range(start, end, BT):
         t = t0 + tl.arange(0, BT)
         rows, valid = i_b.to(tl.int64) * T + t, t < T
-        oq, mq = _tile(rows, valid, i_h, H, K, BK)
-        odo, mdo = _tile(rows, valid, i_h, H, V, BV)
+        oq, mq = _tile(rows, valid, i_h, 0, H, K, BK)
+        odo, mdo = _tile(rows, valid, i_h, 0, H, V, BV)
         b_q = b_q_next
         b_q_next = _prefetch(q, i_b, i_h, t0 + BT, end, T, H, K, BT, BK)
         b_do = tl.load(do + odo, mask=mdo, other=0.0)  # rows past T are zero: g, gs and dden are too
@@ -223,7 +246,7 @@ def _bwd_q_kernel(
         tl.store(dq + oq, (b_dqf * _dphi(b_q, PHI)).to(dq.dtype.element_ty), mask=mq)
         acc += _dot(b_qft, b_g)
     i_out = i_s.to(tl.int64) * tl.num_programs(1) + i_bh
-    p, m = _state(dS, i_out, K, V, BK, BV, False)
+    p, m = _state(dS, i_out, 0, 0, K, V, BK, BV, False)
     tl.store(p, acc, mask=m)
     if NORM:
         ck = tl.arange(0, BK)
@@ -239,15 +262,15 @@ def _bwd_kv_kernel(
     """Over the split: ``dk = (v dS^T + dz) * phi'(k)``, ``dv = phi(k) dS``; ``dS`` in the inputs' dtype."""
     i_s, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    p, m = _state(dS, i_bh, K, V, BK, BV, False)
+    p, m = _state(dS, i_bh, 0, 0, K, V, BK, BV, False)
     b_dS = tl.load(p, mask=m, other=0.0)
     b_dz = _row(dz, i_bh, K, BK) if NORM else tl.zeros([BK], dtype=tl.float32)
     start = i_s * split_len
     for t0 in range(start, tl.minimum(start + split_len, T), BT):
         t = t0 + tl.arange(0, BT)
         rows, valid = i_b.to(tl.int64) * T + t, t < T
-        ok, mk = _tile(rows, valid, i_h, H, K, BK)
-        ov, mv = _tile(rows, valid, i_h, H, V, BV)
+        ok, mk = _tile(rows, valid, i_h, 0, H, K, BK)
+        ov, mv = _tile(rows, valid, i_h, 0, H, V, BV)
         b_k = tl.load(k + ok, mask=mk, other=0.0)
         b_v = tl.load(v + ov, mask=mv, other=0.0)
         tl.store(dv + ov, _dot(_features(b_k, PHI), b_dS).to(dv.dtype.element_ty), mask=mv)
@@ -257,67 +280,98 @@ def _bwd_kv_kernel(
         tl.store(dk + ok, (b_dkf * _dphi(b_k, PHI)).to(dk.dtype.element_ty), mask=mk)
 
 
-def _grid(T: int, BH: int, BT: int) -> tuple[int, int]:
+def _grid(T: int, programs: int, BT: int) -> tuple[int, int]:
     """``(splits, split_len)``: tokens cut into splits (multiples of ``BT``, at least ``MIN_SPLIT`` long
-    unless T is shorter) until ``splits * BH`` reaches ``TARGET_PROGRAMS``."""
-    splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, BH), T // MIN_SPLIT))
+    unless T is shorter) until ``splits * programs`` reaches ``TARGET_PROGRAMS``."""
+    splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, programs), T // MIN_SPLIT))
     split_len = triton.cdiv(triton.cdiv(T, splits), BT) * BT
     return max(1, triton.cdiv(T, split_len)), split_len
 
 
-def _launch(kernel, name: str, T: int, B: int, H: int, K: int, V: int, phi: int, norm: bool, *args) -> None:
-    """``kernel[(splits, B * H)](*args, T, split_len, ...)`` at ``CONFIG[name]``, split as :func:`_grid`."""
+def _blocks(D: int) -> tuple[int, int]:
+    """Block width (a power of two, at most ``MAX_DIM``) and block count for a dim of ``D``."""
+    width = min(_pow2(D), MAX_DIM)
+    return width, triton.cdiv(D, width)
+
+
+def _splits(name: str, T: int, programs: int) -> int:
+    """The splits launch ``name`` cuts T into, ``programs`` per split (see :func:`_grid`)."""
+    return _grid(T, programs, CONFIG[name][0])[0]
+
+
+def _launch(kernel, name: str, T: int, BH: int, blocks: int, *args, **constexprs) -> None:
+    """``kernel[(splits, BH, blocks)](*args, T, split_len, BT=..., **constexprs)`` at ``CONFIG[name]``."""
     BT, warps, stages = CONFIG[name]
-    splits, split_len = _grid(T, B * H, BT)
-    kernel[(splits, B * H)](*args, T, split_len, H=H, K=K, V=V, BT=BT, BK=_pow2(K), BV=_pow2(V), PHI=phi, NORM=norm,
-                            num_warps=warps, num_stages=stages)
+    splits, split_len = _grid(T, BH * blocks, BT)
+    kernel[(splits, BH, blocks)](*args, T, split_len, BT=BT, num_warps=warps, num_stages=stages, **constexprs)
 
 
-def _added(part: Tensor | None) -> Tensor | None:
-    """The partials added over splits, in a fixed order."""
-    return None if part is None else (part[0] if part.shape[0] == 1 else part.sum(0))
+def _added(part: Tensor) -> Tensor:
+    """The partials ``[splits, ...]`` added over splits, in a fixed order."""
+    return part[0] if part.shape[0] == 1 else part.sum(0)
 
 
-def phi_sum(k: Tensor, v: Tensor, phi: int, norm: bool) -> tuple[Tensor, Tensor | None]:
-    """``S = phi(k)^T v`` ``[B, H, K, V]`` and, if ``norm``, ``z = sum_t phi(k_t)`` ``[B, H, K]``; float32."""
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    BT = CONFIG["sum"][0]
-    splits = _grid(T, B * H, BT)[0]
-    S = torch.empty(splits, B, H, K, V, dtype=torch.float32, device=k.device)
-    z = torch.empty(splits, B, H, K, dtype=torch.float32, device=k.device) if norm else S
-    _launch(_sum_kernel, "sum", T, B, H, K, V, phi, norm, k, v, S, z)
+def phi_sum(x: Tensor, y: Tensor, phi: int, norm: bool) -> tuple[Tensor, Tensor | None]:
+    """``S = phi(x)^T y`` ``[B, H, DX, DY]`` and, if ``norm``, ``z = sum_t phi(x_t)`` ``[B, H, DX]``;
+    float32, any dims (blocks of at most ``MAX_DIM`` squared)."""
+    B, T, H, DX = x.shape
+    DY = y.shape[-1]
+    (BX, NX), (BY, NY) = _blocks(DX), _blocks(DY)
+    assert NY == 1 or not norm, "z takes one column block"
+    splits = _splits("sum", T, B * H * NX * NY)
+    S = torch.empty(splits, B, H, DX, DY, dtype=torch.float32, device=x.device)
+    z = torch.empty(splits, B, H, DX, dtype=torch.float32, device=x.device) if norm else S
+    _launch(_sum_kernel, "sum", T, B * H, NX * NY, x, y, S, z, H=H, DX=DX, DY=DY, BX=BX, BY=BY, PHI=phi, NORM=norm)
     return _added(S), (_added(z) if norm else None)
 
 
-def forward_read(q: Tensor, S: Tensor, z: Tensor | None, phi: int, eps: float) -> Tensor:
-    """``o = phi(q) S / (phi(q) . z + eps)`` ``[B, T, H, V]`` (``z`` ``None``: no normaliser); ``S`` in q's dtype."""
-    B, T, H, K = q.shape
-    V = S.shape[-1]
-    o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
-    _launch(_fwd_kernel, "fwd", T, B, H, K, V, phi, z is not None, q, S, S if z is None else z, o, eps)
+def read(x: Tensor, S: Tensor, z: Tensor | None, phi: int, eps: float, trans: bool = False) -> Tensor:
+    """``o = phi(x) S / (phi(x) . z + eps)`` ``[B, T, H, DO]`` (``z`` ``None``: no normaliser) for
+    ``S [B, H, DI, DO]``, or ``phi(x) S^T`` for ``S [B, H, DO, DI]`` if ``trans``; ``S`` in x's dtype,
+    ``DI`` whole in each program, ``DO`` in blocks."""
+    B, T, H, DI = x.shape
+    DO = S.shape[-2] if trans else S.shape[-1]
+    BO, NO = _blocks(DO)
+    o = torch.empty(B, T, H, DO, dtype=x.dtype, device=x.device)
+    _launch(_read_kernel, "fwd", T, B * H, NO, x, S, S if z is None else z, o, eps,
+            H=H, DI=DI, DO=DO, BI=_pow2(DI), BO=BO, PHI=phi, NORM=z is not None, TRANS=trans)
     return o
 
 
+def _fused(K: int, V: int) -> bool:
+    """Whether the backward's fused kernels (whole rows) take these dims."""
+    return max(K, V) <= MAX_DIM
+
+
 def backward_q(q: Tensor, do: Tensor, S: Tensor, z: Tensor | None, phi: int, eps: float):
-    """``dq`` and the float32 ``dS = phi(q)^T g`` ``[B, H, K, V]``, ``dz`` ``[B, H, K]`` (``None`` without ``z``)."""
+    """``dq`` and the float32 ``dS = phi(q)^T g`` ``[B, H, K, V]``, ``dz`` ``[B, H, K]`` (``None`` without ``z``).
+    Past ``MAX_DIM`` (identity, no normaliser only): a read ``do S^T`` and a sum ``q^T do``."""
     B, T, H, K = q.shape
     V = S.shape[-1]
     norm = z is not None
-    splits = _grid(T, B * H, CONFIG["bwd_q"][0])[0]
+    if not _fused(K, V):
+        assert phi == 0 and not norm, "feature maps and the normaliser take K, V <= MAX_DIM"
+        return read(do, S, None, 0, 0.0, trans=True), phi_sum(q, do, 0, False)[0], None
+    splits = _splits("bwd_q", T, B * H)
     dq = torch.empty_like(q)
     dS = torch.empty(splits, B, H, K, V, dtype=torch.float32, device=q.device)
     dz = torch.empty(splits, B, H, K, dtype=torch.float32, device=q.device) if norm else dS
-    _launch(_bwd_q_kernel, "bwd_q", T, B, H, K, V, phi, norm, q, do, S, z if norm else S, dq, dS, dz, eps)
+    _launch(_bwd_q_kernel, "bwd_q", T, B * H, 1, q, do, S, z if norm else S, dq, dS, dz, eps,
+            H=H, K=K, V=V, BK=_pow2(K), BV=_pow2(V), PHI=phi, NORM=norm)
     return dq, _added(dS), (_added(dz) if norm else None)
 
 
 def backward_kv(k: Tensor, v: Tensor, dS: Tensor, dz: Tensor | None, phi: int) -> tuple[Tensor, Tensor]:
-    """``dk = (v dS^T + dz) * phi'(k)``, ``dv = phi(k) dS``; ``dS`` in k's dtype."""
+    """``dk = (v dS^T + dz) * phi'(k)``, ``dv = phi(k) dS``; ``dS`` in k's dtype. Past ``MAX_DIM``
+    (identity, no normaliser only): two reads."""
     B, T, H, K = k.shape
     V = v.shape[-1]
+    if not _fused(K, V):
+        assert phi == 0 and dz is None, "feature maps and the normaliser take K, V <= MAX_DIM"
+        return read(v, dS, None, 0, 0.0, trans=True), read(k, dS, None, 0, 0.0)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    _launch(_bwd_kv_kernel, "bwd_kv", T, B, H, K, V, phi, dz is not None, k, v, dS, dS if dz is None else dz, dk, dv)
+    _launch(_bwd_kv_kernel, "bwd_kv", T, B * H, 1, k, v, dS, dS if dz is None else dz, dk, dv,
+            H=H, K=K, V=V, BK=_pow2(K), BV=_pow2(V), PHI=phi, NORM=dz is not None)
     return dk, dv
 
 
@@ -328,7 +382,7 @@ class LinearNoncausalFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, phi, normalize, eps):
         S, z = phi_sum(k, v, phi, normalize)
         S = S.to(q.dtype)  # read in the inputs' dtype (bf16/fp16: the tensor cores' operand)
-        o = forward_read(q, S, z, phi, eps)
+        o = read(q, S, z, phi, eps)
         ctx.save_for_backward(q, k, v, S, z)
         ctx.phi, ctx.eps = phi, eps
         return o
