@@ -21,8 +21,7 @@ state it reads or sums for the whole split, and reads every token once:
 - ``_bwd_q_kernel``: ``dq`` and the partials of ``dS`` and ``dz`` from one read of ``q`` and ``do``;
 - ``_bwd_kv_kernel``: ``dk`` and ``dv``.
 
-``z`` and ``dz`` are products too (``phi(k)^T`` times a column of ones, ``phi(q)^T`` times ``dden``
-split into its rounding to the input dtype and the remainder), so no step reduces across warps.
+``z`` is a product too (``phi(k)^T`` times a column of ones: no reduction across warps per step).
 The backward kernels hold whole rows (``K, V <= MAX_DIM``); the sum and the read take states in
 blocks of at most ``MAX_DIM`` squared, so that past it (identity features, no normaliser only) the
 backward is a read and a sum for ``dq, dS`` and two reads for ``dk, dv``. Float32 inputs: products
@@ -40,7 +39,7 @@ from torch import Tensor
 FEATURE_MAPS = {"identity": 0, "elu": 1, "relu": 2}
 MAX_DIM = 128  # K and V the fused kernels take (whole rows per program); the widest state block
 # per launch: tokens per step, warps, software-pipelining stages
-CONFIG = {"sum": (64, 4, 3), "fwd": (64, 4, 3), "bwd_q": (32, 8, 2), "bwd_kv": (128, 16, 2)}  # H100, Triton 3.6
+CONFIG = {"sum": (64, 4, 2), "fwd": (64, 4, 2), "bwd_q": (32, 8, 2), "bwd_kv": (128, 16, 2)}  # H100, Triton 3.6
 MIN_SPLIT = 512  # fewest tokens per program
 TARGET_PROGRAMS = 1024  # splits are added until a launch has this many programs
 
@@ -109,15 +108,6 @@ def _row(p, i_bh, D: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def _prefetch(x, i_b, i_h, t0, end, T, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """The ``[BT, BD]`` tile of x at tokens ``t0 ..`` (zero from ``end``): loaded a step ahead by hand where
-    the compiler's pipelining leaves a load in the loop (its users are not only products)."""
-    t = t0 + tl.arange(0, BT)
-    offs, mask = _tile(i_b.to(tl.int64) * T + t, t < end, i_h, 0, H, D, BD)
-    return tl.load(x + offs, mask=mask, other=0.0)
-
-
-@triton.jit
 def _state(p, i_bh, x0, y0, DX: tl.constexpr, DY: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr,
            TRANS: tl.constexpr):
     """Pointers and mask of the ``[BX, BY]`` block at rows ``x0 ..``, columns ``y0 ..`` of state ``i_bh``
@@ -130,13 +120,10 @@ def _state(p, i_bh, x0, y0, DX: tl.constexpr, DY: tl.constexpr, BX: tl.constexpr
 
 
 @triton.jit
-def _split_cols(x, keep, dtype: tl.constexpr):
-    """``[BT, 16]`` product operand in ``dtype``: column 0 ``x`` rounded to dtype, column 1 its rounding
-    error (so ``A^T`` times it, summed over columns, is ``A^T x`` to ~16 bits), zero rows where not ``keep``."""
-    hi = x.to(dtype).to(tl.float32)
+def _ones_col(valid, dtype: tl.constexpr):
+    """``[BT, 16]`` product operand in ``dtype``: ones in column 0 where ``valid``, zeros elsewhere."""
     c = tl.arange(0, 16)[None, :]
-    cols = tl.where(c == 0, hi[:, None], tl.where(c == 1, (x - hi)[:, None], 0.0))
-    return tl.where(keep[:, None], cols, 0.0).to(dtype)
+    return tl.where(valid[:, None] & (c == 0), 1.0, 0.0).to(dtype)
 
 
 @triton.jit
@@ -164,7 +151,7 @@ def _sum_kernel(
         b_xft = tl.trans(_features(b_x, PHI))
         acc += _dot(b_xft, b_y)
         if NORM:
-            zacc += _dot(b_xft, _split_cols(tl.full([BT], 1.0, tl.float32), valid, b_x.dtype))
+            zacc += _dot(b_xft, _ones_col(valid, b_x.dtype))
     i_out = i_s.to(tl.int64) * tl.num_programs(1) + i_bh
     p, m = _state(S, i_out, x0, y0, DX, DY, BX, BY, False)
     tl.store(p, acc, mask=m)
@@ -218,48 +205,44 @@ def _bwd_q_kernel(
     b_St = tl.load(p, mask=m, other=0.0)
     b_z = _row(z, i_bh, K, BK) if NORM else tl.zeros([BK], dtype=tl.float32)
     acc = tl.zeros([BK, BV], dtype=tl.float32)
-    zacc = tl.zeros([BK, 16], dtype=tl.float32)  # dz in columns 0 and 1 (dden split in two for the product)
+    zacc = tl.zeros([BK], dtype=tl.float32)
     start = i_s * split_len
-    end = tl.minimum(start + split_len, T)
-    b_q_next = _prefetch(q, i_b, i_h, start, end, T, H, K, BT, BK)
-    for t0 in range(start, end, BT):
+    for t0 in range(start, tl.minimum(start + split_len, T), BT):
         t = t0 + tl.arange(0, BT)
         rows, valid = i_b.to(tl.int64) * T + t, t < T
         oq, mq = _tile(rows, valid, i_h, 0, H, K, BK)
         odo, mdo = _tile(rows, valid, i_h, 0, H, V, BV)
-        b_q = b_q_next
-        b_q_next = _prefetch(q, i_b, i_h, t0 + BT, end, T, H, K, BT, BK)
+        b_q = tl.load(q + oq, mask=mq, other=0.0)
         b_do = tl.load(do + odo, mask=mdo, other=0.0)  # rows past T are zero: g, gs and dden are too
-        b_gs = _dot(b_do, b_St)  # den times gs
-        b_qft = tl.trans(_features(b_q, PHI))
         if NORM:
             b_qf = _phi(b_q, PHI)
-            b_r = 1.0 / (tl.sum(b_qf * b_z[None, :], axis=1) + eps)
-            b_gs = b_gs * b_r[:, None]
-            b_dden = -tl.sum(b_qf * b_gs, axis=1) * b_r
+            b_den = tl.sum(b_qf * b_z[None, :], axis=1) + eps
+            b_g = (b_do.to(tl.float32) / b_den[:, None]).to(b_do.dtype)
+            b_gs = _dot(b_g, b_St)
+            b_dden = -tl.sum(b_qf * b_gs, axis=1) / b_den
             b_dqf = b_gs + b_dden[:, None] * b_z[None, :]
-            b_g = (b_do.to(tl.float32) * b_r[:, None]).to(b_do.dtype)
-            zacc += _dot(b_qft, _split_cols(b_dden, valid, b_q.dtype))
+            zacc += tl.sum(b_qf * b_dden[:, None], axis=0)
         else:
-            b_dqf = b_gs
             b_g = b_do
+            b_dqf = _dot(b_do, b_St)
         tl.store(dq + oq, (b_dqf * _dphi(b_q, PHI)).to(dq.dtype.element_ty), mask=mq)
-        acc += _dot(b_qft, b_g)
+        acc += _dot(tl.trans(_features(b_q, PHI)), b_g)
     i_out = i_s.to(tl.int64) * tl.num_programs(1) + i_bh
     p, m = _state(dS, i_out, 0, 0, K, V, BK, BV, False)
     tl.store(p, acc, mask=m)
     if NORM:
         ck = tl.arange(0, BK)
-        tl.store(dz + i_out * K + ck, tl.sum(zacc, axis=1), mask=ck < K)
+        tl.store(dz + i_out * K + ck, zacc, mask=ck < K)
 
 
 @triton.jit
 def _bwd_kv_kernel(
     k, v, dS, dz, dk, dv, T, split_len,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PHI: tl.constexpr, NORM: tl.constexpr,
+    PHI: tl.constexpr, NORM: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
 ):
-    """Over the split: ``dk = (v dS^T + dz) * phi'(k)``, ``dv = phi(k) dS``; ``dS`` in the inputs' dtype."""
+    """Over the split: ``dk = (v dS^T + dz) * phi'(k)`` if ``DK``, ``dv = phi(k) dS`` if ``DV``; ``dS`` in the
+    inputs' dtype."""
     i_s, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     p, m = _state(dS, i_bh, 0, 0, K, V, BK, BV, False)
@@ -272,12 +255,15 @@ def _bwd_kv_kernel(
         ok, mk = _tile(rows, valid, i_h, 0, H, K, BK)
         ov, mv = _tile(rows, valid, i_h, 0, H, V, BV)
         b_k = tl.load(k + ok, mask=mk, other=0.0)
-        b_v = tl.load(v + ov, mask=mv, other=0.0)
-        tl.store(dv + ov, _dot(_features(b_k, PHI), b_dS).to(dv.dtype.element_ty), mask=mv)
-        b_dkf = _dot(b_v, tl.trans(b_dS))
-        if NORM:
-            b_dkf += b_dz[None, :]
-        tl.store(dk + ok, (b_dkf * _dphi(b_k, PHI)).to(dk.dtype.element_ty), mask=mk)
+        if DK:
+            b_v = tl.load(v + ov, mask=mv, other=0.0)
+        if DV:
+            tl.store(dv + ov, _dot(_features(b_k, PHI), b_dS).to(dv.dtype.element_ty), mask=mv)
+        if DK:
+            b_dkf = _dot(b_v, tl.trans(b_dS))
+            if NORM:
+                b_dkf += b_dz[None, :]
+            tl.store(dk + ok, (b_dkf * _dphi(b_k, PHI)).to(dk.dtype.element_ty), mask=mk)
 
 
 def _grid(T: int, programs: int, BT: int) -> tuple[int, int]:
@@ -294,14 +280,21 @@ def _blocks(D: int) -> tuple[int, int]:
     return width, triton.cdiv(D, width)
 
 
-def _splits(name: str, T: int, programs: int) -> int:
-    """The splits launch ``name`` cuts T into, ``programs`` per split (see :func:`_grid`)."""
-    return _grid(T, programs, CONFIG[name][0])[0]
-
-
-def _launch(kernel, name: str, T: int, BH: int, blocks: int, *args, **constexprs) -> None:
-    """``kernel[(splits, BH, blocks)](*args, T, split_len, BT=..., **constexprs)`` at ``CONFIG[name]``."""
+def _config(name: str, dtype: torch.dtype) -> tuple[int, int, int]:
+    """``CONFIG[name]``; float32 inputs at most 32 tokens per step and one stage (their tiles and
+    states take twice the bytes, the states twice again as ``tf32x3`` operands)."""
     BT, warps, stages = CONFIG[name]
+    return (min(BT, 32), warps, 1) if dtype.itemsize == 4 else (BT, warps, stages)
+
+
+def _splits(name: str, T: int, programs: int, dtype: torch.dtype) -> int:
+    """The splits launch ``name`` cuts T into, ``programs`` per split (see :func:`_grid`)."""
+    return _grid(T, programs, _config(name, dtype)[0])[0]
+
+
+def _launch(kernel, name: str, T: int, BH: int, blocks: int, dtype: torch.dtype, *args, **constexprs) -> None:
+    """``kernel[(splits, BH, blocks)](*args, T, split_len, BT=..., **constexprs)`` at :func:`_config`."""
+    BT, warps, stages = _config(name, dtype)
     splits, split_len = _grid(T, BH * blocks, BT)
     kernel[(splits, BH, blocks)](*args, T, split_len, BT=BT, num_warps=warps, num_stages=stages, **constexprs)
 
@@ -318,10 +311,10 @@ def phi_sum(x: Tensor, y: Tensor, phi: int, norm: bool) -> tuple[Tensor, Tensor 
     DY = y.shape[-1]
     (BX, NX), (BY, NY) = _blocks(DX), _blocks(DY)
     assert NY == 1 or not norm, "z takes one column block"
-    splits = _splits("sum", T, B * H * NX * NY)
+    splits = _splits("sum", T, B * H * NX * NY, x.dtype)
     S = torch.empty(splits, B, H, DX, DY, dtype=torch.float32, device=x.device)
     z = torch.empty(splits, B, H, DX, dtype=torch.float32, device=x.device) if norm else S
-    _launch(_sum_kernel, "sum", T, B * H, NX * NY, x, y, S, z, H=H, DX=DX, DY=DY, BX=BX, BY=BY, PHI=phi, NORM=norm)
+    _launch(_sum_kernel, "sum", T, B * H, NX * NY, x.dtype, x, y, S, z, H=H, DX=DX, DY=DY, BX=BX, BY=BY, PHI=phi, NORM=norm)
     return _added(S), (_added(z) if norm else None)
 
 
@@ -333,7 +326,7 @@ def read(x: Tensor, S: Tensor, z: Tensor | None, phi: int, eps: float, trans: bo
     DO = S.shape[-2] if trans else S.shape[-1]
     BO, NO = _blocks(DO)
     o = torch.empty(B, T, H, DO, dtype=x.dtype, device=x.device)
-    _launch(_read_kernel, "fwd", T, B * H, NO, x, S, S if z is None else z, o, eps,
+    _launch(_read_kernel, "fwd", T, B * H, NO, x.dtype, x, S, S if z is None else z, o, eps,
             H=H, DI=DI, DO=DO, BI=_pow2(DI), BO=BO, PHI=phi, NORM=z is not None, TRANS=trans)
     return o
 
@@ -352,11 +345,11 @@ def backward_q(q: Tensor, do: Tensor, S: Tensor, z: Tensor | None, phi: int, eps
     if not _fused(K, V):
         assert phi == 0 and not norm, "feature maps and the normaliser take K, V <= MAX_DIM"
         return read(do, S, None, 0, 0.0, trans=True), phi_sum(q, do, 0, False)[0], None
-    splits = _splits("bwd_q", T, B * H)
+    splits = _splits("bwd_q", T, B * H, q.dtype)
     dq = torch.empty_like(q)
     dS = torch.empty(splits, B, H, K, V, dtype=torch.float32, device=q.device)
     dz = torch.empty(splits, B, H, K, dtype=torch.float32, device=q.device) if norm else dS
-    _launch(_bwd_q_kernel, "bwd_q", T, B * H, 1, q, do, S, z if norm else S, dq, dS, dz, eps,
+    _launch(_bwd_q_kernel, "bwd_q", T, B * H, 1, q.dtype, q, do, S, z if norm else S, dq, dS, dz, eps,
             H=H, K=K, V=V, BK=_pow2(K), BV=_pow2(V), PHI=phi, NORM=norm)
     return dq, _added(dS), (_added(dz) if norm else None)
 
@@ -370,8 +363,10 @@ def backward_kv(k: Tensor, v: Tensor, dS: Tensor, dz: Tensor | None, phi: int) -
         assert phi == 0 and dz is None, "feature maps and the normaliser take K, V <= MAX_DIM"
         return read(v, dS, None, 0, 0.0, trans=True), read(k, dS, None, 0, 0.0)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    _launch(_bwd_kv_kernel, "bwd_kv", T, B * H, 1, k, v, dS, dS if dz is None else dz, dk, dv,
-            H=H, K=K, V=V, BK=_pow2(K), BV=_pow2(V), PHI=phi, NORM=dz is not None)
+    # float32: dk and dv apart (the state as two float32 product operands does not fit in shared memory)
+    for DK, DV in ((True, True),) if k.element_size() == 2 else ((True, False), (False, True)):
+        _launch(_bwd_kv_kernel, "bwd_kv", T, B * H, 1, k.dtype, k, v, dS, dS if dz is None else dz, dk, dv,
+                H=H, K=K, V=V, BK=_pow2(K), BV=_pow2(V), PHI=phi, NORM=dz is not None, DK=DK, DV=DV)
     return dk, dv
 
 
