@@ -16,11 +16,10 @@ float32), which the reads take in the inputs' dtype. Layout ``[B, T, H, D]`` as 
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-import torch
-
-from seqmix.kernels.linear_noncausal import _dot, _pow2, backward_kv, backward_q, phi_sum, read  # noqa: F401  (_dot, _pow2: shared with gla_chunk)
+from seqmix.kernels.linear_noncausal import _dot, backward_kv, backward_q, phi_sum, read  # noqa: F401  (_dot: gla_chunk's)
 
 IDENTITY = 0  # linear_noncausal.FEATURE_MAPS["identity"]
 
