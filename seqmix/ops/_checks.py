@@ -55,14 +55,28 @@ def values_checkable(t: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def check_sign(t: torch.Tensor, sign: int, message: str) -> None:
+    """Every entry of ``t`` ``<= 0`` (``sign = -1``) or ``>= 0`` (``sign = 1``), NaN failing, else
+    ``ValueError(message)``: on the CPU at once; on the GPU as a device-side assertion
+    (``torch._assert_async``), since a host sync per call would leave the GPU idle while the launches
+    after it are issued. Skipped while compiling or capturing (:func:`values_checkable`)."""
+    if not values_checkable(t) or not t.numel():
+        return
+    extreme = t.amax() if sign < 0 else t.amin()  # one reduction, no mask as large as t
+    ok = extreme * sign >= 0
+    if t.is_cuda:
+        torch._assert_async(ok, message)
+    elif not ok:
+        raise ValueError(f"{message}; got {'max' if sign < 0 else 'min'} {extreme.item():.3g}")
+
+
 def check_log_gate(name: str, g: torch.Tensor, like: torch.Tensor, shapes: list[tuple[int, ...]]) -> torch.Tensor:
     """A log forget gate: one of the given shapes, every entry ``<= 0`` (decay at most 1)."""
     check_tensor(name, g, tuple(len(s) for s in shapes), like=like)
     if tuple(g.shape) not in [tuple(s) for s in shapes]:
         want = " or ".join(str(list(s)) for s in shapes)
         raise ValueError(f"{name} has shape {list(g.shape)}, expected {want}")
-    if values_checkable(g) and bool((g > 0).any()):
-        raise ValueError(f"{name} is a log forget gate and must be <= 0 everywhere; got max {g.max().item():.3g}")
+    check_sign(g, -1, f"{name} is a log forget gate and must be <= 0 everywhere")
     return g
 
 

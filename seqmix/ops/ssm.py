@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from seqmix.ops._checks import check_tensor, resolve_backend, values_checkable
+from seqmix.ops._checks import check_sign, check_tensor, resolve_backend
 from seqmix.ops.gla import gated_linear_attention_chunked
 
 
@@ -106,11 +106,8 @@ def selective_scan(
             )
         if initial_state.device != u.device:
             raise ValueError(f"initial_state is on {initial_state.device}, expected {u.device} (the device of u)")
-    if values_checkable(A):
-        if bool((A > 0).any()):
-            raise ValueError(f"A must be <= 0 everywhere (a decaying state); got max {A.max().item():.3g}")
-        if bool((delta < 0).any()):
-            raise ValueError(f"delta must be >= 0 everywhere (step sizes); got min {delta.min().item():.3g}")
+    check_sign(A, -1, "A must be <= 0 everywhere (a decaying state)")
+    check_sign(delta, 1, "delta must be >= 0 everywhere (step sizes)")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     backend = resolve_backend("selective_scan", backend, ("reference", "chunked"), u.device)
