@@ -6,7 +6,7 @@ from seqmix.ops._checks import check_sign
 
 @pytest.mark.parametrize("sign, bad", [(-1, 0.5), (1, -0.5), (-1, float("nan")), (1, float("nan"))])
 def test_check_sign_rejects_wrong_sign_and_nan(sign, bad):
-    t = -sign * torch.rand(3, 4, dtype=torch.float64)
+    t = sign * torch.rand(3, 4, dtype=torch.float64)
     check_sign(t, sign, "t must keep its sign")
     t[1, 2] = bad
     with pytest.raises(ValueError, match="t must keep its sign; got (max|min) "):
