@@ -184,7 +184,6 @@ SWEEP = {  # module constant of gla_chunk -> (values tried by --sweep, one at a 
     # the walks (chosen at T = 8192: 128 sequences x heads)
     "FWD_BV": ((32, 128), 8192), "FWD_WARPS": ((8,), 8192), "FWD_STAGES": ((1, 2), 8192),
     "BWD_BK": ((32,), 8192), "BWD_BV": ((32, 128), 8192), "BWD_WARPS": ((8,), 8192), "BWD_STAGES": ((1, 3), 8192),
-    "DQ_PROGRAMS": ((512, 8192), 8192), "DQ_WARPS": ((8,), 8192), "DQ_STAGES": ((1, 3), 8192),
     # the chunk-parallel form (chosen at T = 32768)
     "STATE_MIN_PROGRAMS": ((0, 2**31), 32768),
     "STATE_STAGES": ((1, 3), 32768), "OUT_BV": ((32, 128), 32768), "PAR_BK": ((32,), 32768),
@@ -193,7 +192,7 @@ SWEEP = {  # module constant of gla_chunk -> (values tried by --sweep, one at a 
     # the walks per segment (32768: 32 sequences x heads, segmented by default)
     "SEGMENT_PROGRAMS": ((1024, 2048), 32768), "SEGMENT_MIN": ((1024, 4096), 32768), "SEGMENT_STATE_BT": ((128,), 32768),
     "SEGMENT_STATE_TILE": (((64, 8), (32, 4)), 32768), "SEGMENT_STATE_STAGES": ((1, 3), 32768),
-    "GATE_GRAD_ROWS": ((512,), 32768), "SEGMENT_BELOW": ((512,), 8192),
+    "GATE_GRAD_BT": ((512,), 32768), "SEGMENT_BELOW": ((512,), 8192),
 }
 
 

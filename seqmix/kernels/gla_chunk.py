@@ -19,10 +19,9 @@ and ``c_L`` its total. Every exponent below is ``<= 0``::
 sub-chunks of 16 (:mod:`seqmix.kernels.gla_channel`). Two forms share these formulas:
 
 - the walks (gate per head or none): one program per sequence, head and block of state columns
-  walks the chunks in order, keeping ``S`` in registers; when a backward follows it also stores the
-  state after every chunk in the inputs' dtype. The backward's ``dq`` reads those states, every
-  chunk at once (``_dq_kernel``); then one launch of two kinds of programs: ``dk`` and ``dv`` walk
-  backward carrying ``dS`` (a block of its rows, resp. columns)::
+  walks the chunks in order, keeping ``S`` in registers (no state goes to memory). The backward
+  runs three kinds of programs in one launch: ``dq`` walks forward recomputing ``S`` (a block of its rows); ``dk`` and
+  ``dv`` walk backward carrying ``dS`` (a block of its rows, resp. columns)::
 
     dS <- diag(exp(c_L)) dS + scale * (q * exp(c))^T do            (dS at the end = grad of final state)
     dq  = scale * [ (do S^T) * exp(c) + sum_j (do_i . v_j) k_j exp(c_i - c_j) [j <= i] ]
@@ -45,15 +44,13 @@ sub-chunks of 16 (:mod:`seqmix.kernels.gla_channel`). Two forms share these form
 
 The gate's gradient follows from the cumulative gate ``G``: outputs depend on it through
 ``exp(G_i - G_j)``, so ``dL/dG_t = q_t * dq_t - k_t * dk_t`` (summed over channels for a per-head
-gate; ``+ <dS_T, S_T>`` at the last token), and ``dg`` is its suffix sum. Both forms sum only inside
-each chunk: the rest of the suffix is ``<dS', S'>``, the gradient of the state after the chunk with
-that state (summed over the state; the walks' dk programs read the forward's stored state, the
-chunk-parallel form builds it from the chunk's own state and keys, see :func:`_chunk_term`), so
-rounding errors do not add up along the sequence and the walks' products stay in the inputs' dtype
-(a float64 replay of the rounding, T = 1000 and 4000: dg 3.3e-3 with bf16 products and stored
-states, against 1.8e-2 for a whole-sequence sum). The state passes and the chunk-parallel form keep
-about 16 bits in the products that feed it: a float32 operand of a bf16/fp16 product is split into
-a high and a low part (float32 inputs use ``tf32x3``).
+gate; ``+ <dS_T, S_T>`` at the last token), and ``dg`` is its suffix sum. The walks sum over whole
+sequences (an exclusive prefix sum for the anticausal pass), so the state reads and updates that
+feed it keep about 16 bits: a float32 operand of a bf16/fp16 product is split into a high and a low
+part (float32 inputs use ``tf32x3``). The chunk-parallel form sums only inside each chunk: the
+rest of the suffix is ``<dS', S'>``, the gradient of the state after the chunk with that state
+(summed over columns; from the chunk's own state and keys, see :func:`_chunk_term`), so rounding
+errors do not add up along the sequence.
 
 Layout ``[B, T, H, D]`` as the ops; ``cu_seqlens [N + 1]`` packs ``N`` sequences into ``B = 1``.
 """
@@ -96,11 +93,7 @@ SEGMENT_MIN = 2048
 SEGMENT_STATE_BT = 64
 SEGMENT_STATE_TILE = (64, 4)
 SEGMENT_STATE_STAGES = 2
-GATE_GRAD_ROWS = 2048  # rows per step of the gate gradient's suffix sums (whole chunks)
-# dq reads the forward's state before each chunk, so its chunks are independent: each program takes
-# every P-th chunk of its sequence, P chosen for about DQ_PROGRAMS programs
-DQ_PROGRAMS = 2048
-DQ_WARPS, DQ_STAGES = 4, 2
+GATE_GRAD_BT = 2048  # rows per step of the gate gradient's suffix sum
 # chunk-parallel kernels: 8 warps, as with 4 every one of them spills (sm_90, bf16, D = 128)
 # (state rows = columns, warps) per program of the inter-chunk passes: the largest tile of
 # STATE_TILES that still gives STATE_MIN_PROGRAMS programs (these passes are sequential over the
@@ -250,37 +243,17 @@ def _scores(q, k, c, BT: tl.constexpr, ANTI: tl.constexpr):
 
 
 @triton.jit
-def _first_slot(i_n, bos, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Index (int64) of the state after sequence ``i_n``'s first chunk in a ``[slots, H, K, V]`` buffer
-    of the states after every chunk (:func:`_slots`): ``i_n * cdiv(T, BT)``, or with offsets
-    ``bos // BT + i_n`` (room for ``cdiv(Tn, BT)`` chunks before the next sequence's first)."""
-    if IS_VARLEN:
-        out = bos // BT + i_n
-    else:
-        out = i_n.to(tl.int64) * tl.cdiv(T, BT)
-    return out
-
-
-@triton.jit
-def _chunk_state(states, slot, i_h, ck, cv, mask, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
-    """Rows ``ck`` and columns ``cv`` of ``states[slot, i_h]`` (a ``[slots, H, K, V]`` buffer) in fp32;
-    zeros where ``mask`` is false."""
-    return tl.load(states + (slot.to(tl.int64) * H + i_h) * K * V + ck[:, None] * V + cv[None, :], mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _fwd_kernel(
-    q, k, v, g, h0, o, ht, states, cu_seqlens, scale, T,
+    q, k, v, g, h0, o, ht, cu_seqlens, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, HAS_Q: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
-    STORE_STATES: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr, SPLIT: tl.constexpr,
+    ANTI: tl.constexpr, IS_VARLEN: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """``o`` for state columns ``i_v`` of one sequence and head, walking its chunks; its final state;
-    with ``STORE_STATES`` the state after every chunk in the inputs' dtype (for the backward).
+    """``o`` for state columns ``i_v`` of one sequence and head, walking its chunks; its final state.
     ``SPLIT``: the state update keeps about 16 bits of ``k * exp(c_L - c)`` (hi/lo parts), for a
-    returned final state; else one product in the inputs' dtype (the outputs read the state in that
-    dtype anyway)."""
+    final state that the gate's gradient reads (``<dS_T, S_T>``); else one product in the inputs'
+    dtype (the outputs read the state in that dtype anyway)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
@@ -289,7 +262,6 @@ def _fwd_kernel(
     cv = i_v * BV + tl.arange(0, BV)
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
     state_offs = i_nh.to(tl.int64) * K * V + ck[:, None] * V + cv[None, :]
-    slot = _first_slot(i_n, bos, T, BT, IS_VARLEN)
 
     b_S = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
@@ -312,9 +284,6 @@ def _fwd_kernel(
             b_S = _decayed(b_S, b_cl, GATE) + _dot_split(tl.trans(b_kd), b_v, True)
         else:
             b_S = _decayed(b_S, b_cl, GATE) + _dot(tl.trans(b_kd.to(dt)), b_v)
-        if STORE_STATES:
-            tl.store(states + ((slot + i_c) * H + i_h) * K * V + ck[:, None] * V + cv[None, :], b_S.to(dt),
-                     mask=state_mask)
     if STORE_HT:
         tl.store(ht + state_offs, b_S, mask=state_mask)
 
@@ -323,52 +292,47 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _dq_kernel(
-    q, k, v, g, h0, states, do, dq, dG, cu_seqlens, scale, T, TG,
+def _bwd_dq(
+    q, k, v, g, h0, do, dq, dG, scale, bos, Tn, i_nh, i_h, i_k, TG,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    P: tl.constexpr, GATE: tl.constexpr, HAS_H0: tl.constexpr, ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
+    GATE: tl.constexpr, HAS_H0: tl.constexpr, ANTI: tl.constexpr,
 ):
-    """dq for state rows ``i_k`` of chunks ``p, p + P, ...`` of one sequence and head, each from the
-    state before it (stored by the forward, ``h0`` before the first): no recurrence, so the chunks
-    are independent; ``q * dq`` into dG slot ``i_k``."""
-    i_kp, i_nh = tl.program_id(0), tl.program_id(1)
-    i_k, p = i_kp // P, i_kp % P
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
-    slot = _first_slot(i_n, bos, T, BT, IS_VARLEN)
+    """dq for state rows ``i_k``, walking forward and recomputing the state; ``q * dq`` into dG."""
     dt = k.dtype.element_ty
     ck = i_k * BK + tl.arange(0, BK)
     cv = tl.arange(0, BV)
-    state_mask = (ck < K)[:, None] & (cv < V)[None, :]
-    for i_c in range(p, tl.cdiv(Tn, BT), P):
+    b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        state_offs = i_nh.to(tl.int64) * K * V + ck[:, None] * V + cv[None, :]
+        b_S += tl.load(h0 + state_offs, mask=(ck < K)[:, None] & (cv < V)[None, :], other=0.0).to(tl.float32)
+    for i_c in range(tl.cdiv(Tn, BT)):
         t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
         rows = bos + t
-        b_S = _chunk_state(states, slot + i_c - 1, i_h, ck, cv, state_mask & (i_c > 0), H, K, V)
-        if HAS_H0:
-            b_S += _chunk_state(h0, i_n, i_h, ck, cv, state_mask & (i_c == 0), H, K, V)
         b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K)
         b_v = _tile(v + i_h * V, rows, valid, cv, V, H * V)
         b_do = _tile(do + i_h * V, rows, valid, cv, V, H * V)
-        b_c = tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, GATE, ANTI), 0)
-        b_dq = _rows_times(_dot(b_do, tl.trans(b_S.to(dt))), tl.exp(b_c), GATE)
+        b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, GATE, ANTI)
+        b_c = tl.cumsum(b_g, 0)
+        b_cl = tl.sum(b_g, 0)
+        b_dq = _rows_times(_dot_split(b_do, tl.trans(b_S), False), tl.exp(b_c), GATE)
         b_dA = _dot(b_do, tl.trans(b_v)) * _head_decay(b_c, BT, ANTI)
         b_dq += _dot(b_dA.to(dt), b_k)
         b_dq *= scale
         _store(dq + i_h * K, b_dq, rows, valid, ck, K, H * K)
-        if GATE:
+        if GATE:  # q read here, where it is used: fewer tiles live across the products (less spill)
             b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
             tl.store(dG + i_k * TG + rows * H + i_h, tl.sum(b_q.to(tl.float32) * b_dq, 1), mask=valid)
+        b_kd = _rows_times(b_k, tl.exp(_to_end(b_c, b_cl, GATE)), GATE)
+        b_S = _decayed(b_S, b_cl, GATE) + _dot_split(tl.trans(b_kd), b_v, True)
 
 
 @triton.jit
 def _bwd_dk(
-    q, k, v, g, do, dht, states, dk, dh0, dG, scale, bos, Tn, first, i_nh, i_h, i_k, slot, TG,
+    q, k, v, g, do, dht, dk, dh0, dG, scale, bos, Tn, i_nh, i_h, i_k, slot, TG,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, HAS_Q: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, ANTI: tl.constexpr,
 ):
-    """dk for state rows ``i_k``, walking backward with ``dS``; dh0 rows. Into dG slot ``slot``:
-    ``-k * dk`` per row, plus at each chunk's last row (in walk order) its rows' share of
-    ``<dS', S'>``, the gradient of the state after the chunk with that state (``states[first + i_c]``)."""
+    """dk for state rows ``i_k``, walking backward with ``dS``; ``-k * dk`` into dG; dh0 rows."""
     dt = k.dtype.element_ty
     ck = i_k * BK + tl.arange(0, BK)
     cv = tl.arange(0, BV)
@@ -385,9 +349,7 @@ def _bwd_dk(
         b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, GATE, ANTI)
         b_c = tl.cumsum(b_g, 0)
         b_cl = tl.sum(b_g, 0)
-        b_dk = _rows_times(_dot(b_v, tl.trans(b_dS.to(dt))), tl.exp(_to_end(b_c, b_cl, GATE)), GATE)
-        if GATE:
-            b_term = tl.sum(tl.sum(b_dS * _chunk_state(states, first + NT - 1 - i, i_h, ck, cv, state_mask, H, K, V), 1), 0)
+        b_dk = _rows_times(_dot_split(b_v, tl.trans(b_dS), False), tl.exp(_to_end(b_c, b_cl, GATE)), GATE)
         b_dS = _decayed(b_dS, b_cl, GATE)
         if HAS_Q:
             b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
@@ -395,13 +357,11 @@ def _bwd_dk(
             b_dAt = tl.trans(_dot(b_do, tl.trans(b_v)) * _head_decay(b_c, BT, ANTI))
             b_dk += scale * _dot(b_dAt.to(dt), b_q)
             b_qd = _rows_times(scale * b_q.to(tl.float32), tl.exp(b_c), GATE)
-            b_dS += _dot(tl.trans(b_qd.to(dt)), b_do)
+            b_dS += _dot_split(tl.trans(b_qd), b_do, True)
         _store(dk + i_h * K, b_dk, rows, valid, ck, K, H * K)
         if GATE:  # k read here, where it is used: fewer tiles live across the products (less spill)
             b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K)
-            s = (NT - 1 - i) * BT + tl.arange(0, BT)
-            b_x = tl.where(s == tl.minimum((NT - i) * BT, Tn) - 1, b_term, 0.0) - tl.sum(b_k.to(tl.float32) * b_dk, 1)
-            tl.store(dG + slot * TG + rows * H + i_h, b_x, mask=valid)
+            tl.store(dG + slot * TG + rows * H + i_h, -tl.sum(b_k.to(tl.float32) * b_dk, 1), mask=valid)
     if STORE_DH0:
         tl.store(dh0 + state_offs, b_dS, mask=state_mask)
 
@@ -444,56 +404,68 @@ def _bwd_dv(
 
 @triton.jit
 def _bwd_kernel(
-    q, k, v, g, do, dht, states, dk, dv, dh0, dG, cu_seqlens, scale, T, TG,
+    q, k, v, g, h0, do, dht, dq, dk, dv, dh0, dG, cu_seqlens, scale, T, TG,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BKF: tl.constexpr, BVF: tl.constexpr, BKS: tl.constexpr, BVS: tl.constexpr, NK: tl.constexpr, SLOT0: tl.constexpr,
-    GATE: tl.constexpr, HAS_Q: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    BKF: tl.constexpr, BVF: tl.constexpr, BKS: tl.constexpr, BVS: tl.constexpr, NK: tl.constexpr,
+    GATE: tl.constexpr, HAS_Q: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
     ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """Programs ``[0, NK)`` compute dk (into dG slot ``SLOT0 + i_k``), the rest dv."""
+    """Programs ``[0, NK)`` compute dq (only with queries), the next ``NK`` dk, the rest dv. The dG
+    slot of a dk program is its program index."""
     role, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
-    if role < NK:
-        first = _first_slot(i_n, bos, T, BT, IS_VARLEN)
-        _bwd_dk(q, k, v, g, do, dht, states, dk, dh0, dG, scale, bos, Tn, first, i_nh, i_h, role, SLOT0 + role, TG,
-                H, K, V, BT, BKS, BVF, GATE, HAS_Q, HAS_DHT, STORE_DH0, ANTI)
+    if HAS_Q:
+        if role < NK:
+            _bwd_dq(q, k, v, g, h0, do, dq, dG, scale, bos, Tn, i_nh, i_h, role, TG,
+                    H, K, V, BT, BKS, BVF, GATE, HAS_H0, ANTI)
+        elif role < 2 * NK:
+            _bwd_dk(q, k, v, g, do, dht, dk, dh0, dG, scale, bos, Tn, i_nh, i_h, role - NK, role, TG,
+                    H, K, V, BT, BKS, BVF, GATE, HAS_Q, HAS_DHT, STORE_DH0, ANTI)
+        else:
+            _bwd_dv(q, k, g, do, dht, dv, scale, bos, Tn, i_nh, i_h, role - 2 * NK,
+                    H, K, V, BT, BKF, BVS, GATE, HAS_Q, HAS_DHT, ANTI)
     else:
-        _bwd_dv(q, k, g, do, dht, dv, scale, bos, Tn, i_nh, i_h, role - NK,
-                H, K, V, BT, BKF, BVS, GATE, HAS_Q, HAS_DHT, ANTI)
+        if role < NK:
+            _bwd_dk(q, k, v, g, do, dht, dk, dh0, dG, scale, bos, Tn, i_nh, i_h, role, role, TG,
+                    H, K, V, BT, BKS, BVF, GATE, HAS_Q, HAS_DHT, STORE_DH0, ANTI)
+        else:
+            _bwd_dv(q, k, g, do, dht, dv, scale, bos, Tn, i_nh, i_h, role - NK,
+                    H, K, V, BT, BKF, BVS, GATE, HAS_Q, HAS_DHT, ANTI)
 
 
 @triton.jit
 def _gate_grad_kernel(
-    dG, dg, cu_seqlens, T, TG,
-    NP: tl.constexpr, H: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, ANTI: tl.constexpr,
+    dG, dlast, dg, cu_seqlens, T, TG,
+    NP: tl.constexpr, H: tl.constexpr, BT: tl.constexpr, HAS_LAST: tl.constexpr, ANTI: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """``dg [rows, H]`` from the ``NP`` slots of ``dL/dG``: inside every chunk of ``BT`` rows (in the
-    walks' order) the suffix sum, whose last row holds the chunk's boundary term ``<dS', S'>``;
-    ``BC`` chunks per step. The anticausal pass read ``g_{t+1}`` at walk row ``t``: its sum lands
-    there, and the first row's gradient is 0."""
+    """``dg [rows, H]`` from the ``NP`` slots of ``dL/dG``: a suffix sum per sequence (an exclusive
+    prefix sum for the anticausal pass), ``dlast [N, H]`` added at the last token."""
     i_nh = tl.program_id(0)
     i_n, i_h = i_nh // H, i_nh % H
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
-    if ANTI:
-        tl.store(dg + bos * H + i_h, 0.0, mask=Tn > 0)
-    for i in range(0, tl.cdiv(Tn, BT), BC):
-        s = (i + tl.arange(0, BC))[:, None] * BT + tl.arange(0, BT)[None, :]
-        valid = s < Tn
+    carry = tl.zeros([1], dtype=tl.float32)
+    NT = tl.cdiv(Tn, BT)
+    for i in range(NT):
         if ANTI:
-            t = Tn - 1 - s
+            i_c = i
         else:
-            t = s
+            i_c = NT - 1 - i
+        t = i_c * BT + tl.arange(0, BT)
+        valid = t < Tn
         rows = bos + t
-        x = tl.zeros([BC, BT], dtype=tl.float32)
+        x = tl.zeros([BT], dtype=tl.float32)
         for p in tl.static_range(NP):
             x += tl.load(dG + p * TG + rows * H + i_h, mask=valid, other=0.0)
-        y = tl.sum(x, 1)[:, None] - tl.cumsum(x, 1) + x
+        if HAS_LAST:
+            x += tl.where(t == Tn - 1, tl.load(dlast + i_nh), 0.0)
         if ANTI:
-            tl.store(dg + (rows + 1) * H + i_h, y, mask=valid & (t + 1 < Tn))
+            y = carry + tl.cumsum(x, 0) - x
         else:
-            tl.store(dg + rows * H + i_h, y, mask=valid)
+            y = carry + _suffix(x)
+        carry += tl.sum(x, 0)
+        tl.store(dg + rows * H + i_h, y, mask=valid)
 
 
 @triton.jit
@@ -774,18 +746,15 @@ class _Chunks:
     """The chunks of ``N`` sequences: ``first [N + 1]`` (global index of each sequence's first chunk),
     ``seq [count]`` (sequence of each chunk); ``T`` is the kernels' common length (0 with offsets).
     ``count``, ``first`` and ``seq`` are made when first used: the walks need none of them (no small
-    launches, and with offsets no wait for the count, before their kernels); they index their
-    states after every chunk by ``_first_slot`` in a buffer of ``slots`` (no fewer than ``count``)."""
+    launches, and with offsets no wait for the count, before their kernels)."""
 
     def __init__(self, k: Tensor, cu_seqlens: Tensor | None, chunk: int):
         B, T = k.shape[:2]
         self.cu_seqlens, self.chunk, self.device = cu_seqlens, chunk, k.device
         if cu_seqlens is None:
             self.N, self.T = B, T
-            self.slots = B * triton.cdiv(T, chunk)
         else:
             self.N, self.T = cu_seqlens.numel() - 1, 0
-            self.slots = B * T // chunk + self.N
 
     @cached_property
     def per_seq(self) -> Tensor:
@@ -883,31 +852,25 @@ def _parallel_backward(q, k, v, g, h0, states, do, dht, chunks: _Chunks, scale: 
     return dq, dk, dv, dg, dh0
 
 
-def _walk_forward(q, k, v, g, h0, chunks: _Chunks, scale: float, anticausal: bool, BT: int, output_final_state: bool,
-                  store_states: bool):
-    """``_fwd_kernel``: one program per sequence, head and block of columns walks the chunks. Returns
-    ``o``, the final state (float32, if ``output_final_state``) and the state after every chunk
-    (``[chunks.slots, H, K, V]`` in k's dtype, if ``store_states``), which the backward reads."""
+def _walk_forward(q, k, v, g, h0, chunks: _Chunks, scale: float, anticausal: bool, BT: int, output_final_state: bool):
+    """``_fwd_kernel``: one program per sequence, head and block of columns walks the chunks."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     BK, BV = _pow2(K), min(_pow2(V), FWD_BV)
     o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device) if q is not None else None
     ht = torch.empty(chunks.N, H, K, V, dtype=torch.float32, device=k.device) if output_final_state else None
-    states = torch.empty(chunks.slots, H, K, V, dtype=k.dtype, device=k.device) if store_states else None
     _fwd_kernel[(triton.cdiv(V, BV), chunks.N * H)](
-        q, k, v, g, h0, o, ht, states, chunks.cu_seqlens, scale, chunks.T,
+        q, k, v, g, h0, o, ht, chunks.cu_seqlens, scale, chunks.T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=_gate_kind(g), HAS_Q=q is not None, HAS_H0=h0 is not None,
-        STORE_HT=output_final_state, STORE_STATES=store_states, ANTI=anticausal,
-        IS_VARLEN=chunks.cu_seqlens is not None, SPLIT=output_final_state, num_warps=FWD_WARPS, num_stages=FWD_STAGES,
+        STORE_HT=output_final_state, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None,
+        SPLIT=output_final_state, num_warps=FWD_WARPS, num_stages=FWD_STAGES,
     )
-    return o, ht, states
+    return o, ht
 
 
-def _walk_grads(q, k, v, g, h0, states, do, dht, chunks: _Chunks, scale: float, anticausal: bool, BT: int,
-                store_dh0: bool):
-    """dq, dk, dv, the slots of ``dL/dG`` per row (``dG [slots, rows, H]`` or None) and dh0 (float32,
-    if ``store_dh0``) from the forward's states after every chunk: ``_dq_kernel`` (every chunk at
-    once), then ``_bwd_kernel`` (dk and dv walking backward)."""
+def _walk_grads(q, k, v, g, h0, do, dht, chunks: _Chunks, scale: float, anticausal: bool, BT: int, store_dh0: bool):
+    """``_bwd_kernel``: dq, dk, dv, the slots of ``dL/dG`` per row (``dG [slots, rows, H]`` or None),
+    and dh0 (float32, if ``store_dh0``); dq walks forward, dk and dv backward, in one launch."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     gate = _gate_kind(g)
@@ -922,37 +885,32 @@ def _walk_grads(q, k, v, g, h0, states, do, dht, chunks: _Chunks, scale: float, 
     slots = (2 if has_q else 1) * NK
     dG = torch.empty(slots, rows, H, dtype=torch.float32, device=k.device) if gate else None
     cu = chunks.cu_seqlens
-    if has_q:
-        P = triton.cdiv(DQ_PROGRAMS, NK * chunks.N * H)
-        _dq_kernel[(NK * P, chunks.N * H)](
-            q, k, v, g, h0, states, do, dq, dG, cu, scale, chunks.T, rows * H,
-            H=H, K=K, V=V, BT=BT, BK=BKS, BV=BVF, P=P, GATE=gate, HAS_H0=h0 is not None, ANTI=anticausal,
-            IS_VARLEN=cu is not None, num_warps=DQ_WARPS, num_stages=DQ_STAGES,
-        )
-    _bwd_kernel[(NK + NV, chunks.N * H)](
-        q, k, v, g, do, dht, states, dk, dv, dh0, dG, cu, scale, chunks.T, rows * H,
-        H=H, K=K, V=V, BT=BT, BKF=BKF, BVF=BVF, BKS=BKS, BVS=BVS, NK=NK, SLOT0=NK if has_q else 0, GATE=gate,
-        HAS_Q=has_q, HAS_DHT=dht is not None, STORE_DH0=store_dh0, ANTI=anticausal,
+    _bwd_kernel[((2 * NK if has_q else NK) + NV, chunks.N * H)](
+        q, k, v, g, h0, do, dht, dq, dk, dv, dh0, dG, cu, scale, chunks.T, rows * H,
+        H=H, K=K, V=V, BT=BT, BKF=BKF, BVF=BVF, BKS=BKS, BVS=BVS, NK=NK, GATE=gate, HAS_Q=has_q,
+        HAS_H0=h0 is not None, HAS_DHT=dht is not None, STORE_DH0=store_dh0, ANTI=anticausal,
         IS_VARLEN=cu is not None, num_warps=BWD_WARPS, num_stages=BWD_STAGES,
     )
     return dq, dk, dv, dG, dh0
 
 
-def _gate_grad(dG: Tensor, g: Tensor, chunks: _Chunks, anticausal: bool, BT: int) -> Tensor:
-    """``_gate_grad_kernel``: dg from the slots of ``dL/dG``, a suffix sum inside each chunk of ``chunks``."""
+def _gate_grad(dG: Tensor, g: Tensor, dht, ht, chunks: _Chunks, anticausal: bool) -> Tensor:
+    """``_gate_grad_kernel``: dg from the slots of ``dL/dG``, a suffix sum over each sequence of ``chunks``."""
     H = g.shape[2]
     dg = torch.empty_like(g)
+    dlast = (dht * ht).sum((-2, -1)) if dht is not None else None
     _gate_grad_kernel[(chunks.N * H,)](
-        dG, dg, chunks.cu_seqlens, chunks.T, dG.shape[1] * H, NP=dG.shape[0], H=H, BT=BT,
-        BC=max(1, GATE_GRAD_ROWS // BT), ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None,
+        dG, dlast, dg, chunks.cu_seqlens, chunks.T, dG.shape[1] * H, NP=dG.shape[0], H=H, BT=GATE_GRAD_BT,
+        HAS_LAST=dlast is not None, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None,
     )
     return dg
 
 
-def _walk_backward(q, k, v, g, h0, states, do, dht, chunks: _Chunks, scale: float, anticausal: bool, BT: int):
-    """dq, dk, dv, dg, dh0 from the chunk walks (:func:`_walk_grads`), then the gate's gradient chunk by chunk."""
-    dq, dk, dv, dG, dh0 = _walk_grads(q, k, v, g, h0, states, do, dht, chunks, scale, anticausal, BT, h0 is not None)
-    dg = _gate_grad(dG, g, chunks, anticausal, BT) if g is not None else None
+def _walk_backward(q, k, v, g, h0, ht, do, dht, chunks: _Chunks, scale: float, anticausal: bool, BT: int):
+    """dq, dk, dv, dg, dh0 from the chunk walks: dq forward, dk and dv backward, in one launch;
+    then the gate's gradient as a suffix sum over each sequence."""
+    dq, dk, dv, dG, dh0 = _walk_grads(q, k, v, g, h0, do, dht, chunks, scale, anticausal, BT, h0 is not None)
+    dg = _gate_grad(dG, g, dht, ht, chunks, anticausal) if g is not None else None
     return dq, dk, dv, dg, (dh0.to(h0.dtype) if h0 is not None else None)
 
 
@@ -1044,11 +1002,10 @@ class _Segments:
 
 
 class ChunkGLAFunction(torch.autograd.Function):
-    """Autograd wrapper of the kernels; see :func:`chunk_gla` for the arguments; ``grads``: a backward
-    may follow (the walks then keep the state after every chunk for it)."""
+    """Autograd wrapper of the kernels; see :func:`chunk_gla` for the arguments."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, h0, scale, anticausal, cu_seqlens, chunk_size, output_final_state, grads):
+    def forward(ctx, q, k, v, g, h0, scale, anticausal, cu_seqlens, chunk_size, output_final_state):
         H, K = k.shape[2:]
         V = v.shape[-1]
         gate = _gate_kind(g)
@@ -1056,23 +1013,18 @@ class ChunkGLAFunction(torch.autograd.Function):
         chunks = _Chunks(k, cu_seqlens, BT)
         segments = _Segments.plan(k, g, chunks, BT) if gate != 2 and not anticausal else None
         walk = gate != 2 and chunks.N * H >= TARGET_PROGRAMS
-        # the walks' backward reads the state after every chunk (dq's reads, the gate's boundary terms)
-        store = grads and (q is not None or g is not None)
-        states = starts = None
+        states = None
         if segments is not None:
             # the state at each segment's start: local states of the segments, chained
             local = segments.local_states(k, v, g, (H, K, V), 1.0, reverse=False)
-            starts, ht = segments.chain(local, h0, (H, K, V), reverse=False, store_final=output_final_state)
-            o = None
-            if q is not None or store:
-                o, _, states = _walk_forward(q, k, v, g, starts, segments.chunks, scale, False, BT, False, store)
+            states, ht = segments.chain(local, h0, (H, K, V), reverse=False, store_final=output_final_state)
+            o = _walk_forward(q, k, v, g, states, segments.chunks, scale, False, BT, False)[0] if q is not None else None
         elif walk:
-            o, ht, states = _walk_forward(q, k, v, g, h0, chunks, scale, anticausal, BT, output_final_state, store)
+            o, ht = _walk_forward(q, k, v, g, h0, chunks, scale, anticausal, BT, output_final_state)
         else:
             states, ht = _states(k, v, g, h0, chunks, (H, K, V), 1.0, anticausal, BT)
             o = _outputs(q, k, v, g, states, chunks, scale, anticausal, BT) if q is not None else None
-            states = states if SAVE_STATES else None
-        ctx.save_for_backward(q, k, v, g, h0, states, starts)
+        ctx.save_for_backward(q, k, v, g, h0, ht, states if SAVE_STATES or segments is not None else None)
         ctx.chunks, ctx.scale, ctx.anticausal, ctx.BT, ctx.walk = chunks, scale, anticausal, BT, walk
         ctx.segments = segments
         ctx.set_materialize_grads(False)
@@ -1080,34 +1032,34 @@ class ChunkGLAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, h0, states, starts = ctx.saved_tensors
+        q, k, v, g, h0, ht, states = ctx.saved_tensors
         if q is not None and do is None:
             do = torch.zeros_like(v)
         do = do.contiguous() if q is not None else None
         dht = dht.contiguous() if dht is not None else None
         if ctx.segments is not None:
-            dq, dk, dv, dg, dh0 = _segments_backward(q, k, v, g, h0, starts, states, do, dht, ctx.segments,
+            dq, dk, dv, dg, dh0 = _segments_backward(q, k, v, g, h0, ht, states, do, dht, ctx.chunks, ctx.segments,
                                                      ctx.scale, ctx.BT)
-            return dq, dk, dv, dg, dh0, None, None, None, None, None, None
+            return dq, dk, dv, dg, dh0, None, None, None, None, None
         if not ctx.walk and states is None:
             states, _ = _states(k, v, g, h0, ctx.chunks, (k.shape[2], k.shape[3], v.shape[3]), 1.0, ctx.anticausal, ctx.BT)
         backward = _walk_backward if ctx.walk else _parallel_backward
-        dq, dk, dv, dg, dh0 = backward(q, k, v, g, h0, states, do, dht, ctx.chunks, ctx.scale, ctx.anticausal, ctx.BT)
-        return dq, dk, dv, dg, dh0, None, None, None, None, None, None
+        args = (q, k, v, g, h0, ht, do, dht) if ctx.walk else (q, k, v, g, h0, states, do, dht)
+        dq, dk, dv, dg, dh0 = backward(*args, ctx.chunks, ctx.scale, ctx.anticausal, ctx.BT)
+        return dq, dk, dv, dg, dh0, None, None, None, None, None
 
 
-def _segments_backward(q, k, v, g, h0, starts, states, do, dht, segments: _Segments, scale: float, BT: int):
+def _segments_backward(q, k, v, g, h0, ht, starts, do, dht, chunks: _Chunks, segments: _Segments, scale: float, BT: int):
     """dq, dk, dv, dg, dh0 of the segmented walks (causal): the state gradient at each segment's end
     from the local ones (queries of the segment only) chained backward; the walks per segment from
-    their start state ``starts``, the forward's states after every chunk and the end gradient; the
-    gate's gradient chunk by chunk (segments are whole chunks of their sequence)."""
+    their start state ``starts`` and end gradient; the gate's gradient over whole sequences."""
     dims = (k.shape[2], k.shape[3], v.shape[3])
     local = None
     if q is not None:
         local = segments.local_states(q, do, g, dims, scale, reverse=True)
     ends, dh0 = segments.chain(local, dht, dims, reverse=True, store_final=h0 is not None)
-    dq, dk, dv, dG, _ = _walk_grads(q, k, v, g, starts, states, do, ends, segments.chunks, scale, False, BT, False)
-    dg = _gate_grad(dG, g, segments.chunks, False, BT) if g is not None else None
+    dq, dk, dv, dG, _ = _walk_grads(q, k, v, g, starts, do, ends, segments.chunks, scale, False, BT, False)
+    dg = _gate_grad(dG, g, dht, ht, chunks, False) if g is not None else None
     return dq, dk, dv, dg, (dh0.to(h0.dtype) if h0 is not None else None)
 
 
@@ -1145,7 +1097,5 @@ def chunk_gla(
     q, k, v, g = (None if t is None else t.contiguous() for t in (q, k, v, g))
     if initial_state is not None:
         initial_state = initial_state.contiguous()
-    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, initial_state))
-    return ChunkGLAFunction.apply(q, k, v, g, initial_state, float(scale), anticausal, cu_seqlens, chunk_size,
-                                  output_final_state, grads)
+    return ChunkGLAFunction.apply(q, k, v, g, initial_state, float(scale), anticausal, cu_seqlens, chunk_size, output_final_state)
 
