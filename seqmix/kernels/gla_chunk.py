@@ -73,11 +73,6 @@ BWD_BK = 64  # state rows per dq / dk walk
 BWD_BV = 64  # state columns per dv walk
 FWD_WARPS, FWD_STAGES = 4, 3
 BWD_WARPS, BWD_STAGES = 4, 2
-# registers per thread the walks may use (None: as the compiler likes, 255 at D = 128). At 255 and 4
-# warps two programs fit per multiprocessor (also by shared memory: 106 KB fwd, 90 KB bwd at 2 and 3
-# stages); a cap trades spill for programs in flight (the walks' steps are latency-bound)
-FWD_MAXNREG = None
-BWD_MAXNREG = None
 # sequences x heads below which the chunk-parallel form replaces the walks, by measurement (H100,
 # Triton 3.6, bf16, H = 16, D = 128, 65,536 tokens, fwd+bwd; benchmarks/kernels.md, v4): walks
 # 3.65 / 4.23 / 7.35 ms at T = 2K / 8K / 32K (64 / 16 / 2 sequences), chunk-parallel 8.02 / 7.99 /
@@ -868,7 +863,7 @@ def _walk_forward(q, k, v, g, h0, chunks: _Chunks, scale: float, anticausal: boo
         q, k, v, g, h0, o, ht, chunks.cu_seqlens, scale, chunks.T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=_gate_kind(g), HAS_Q=q is not None, HAS_H0=h0 is not None,
         STORE_HT=output_final_state, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None,
-        SPLIT=output_final_state, num_warps=FWD_WARPS, num_stages=FWD_STAGES, maxnreg=FWD_MAXNREG,
+        SPLIT=output_final_state, num_warps=FWD_WARPS, num_stages=FWD_STAGES,
     )
     return o, ht
 
@@ -894,7 +889,7 @@ def _walk_grads(q, k, v, g, h0, do, dht, chunks: _Chunks, scale: float, anticaus
         q, k, v, g, h0, do, dht, dq, dk, dv, dh0, dG, cu, scale, chunks.T, rows * H,
         H=H, K=K, V=V, BT=BT, BKF=BKF, BVF=BVF, BKS=BKS, BVS=BVS, NK=NK, GATE=gate, HAS_Q=has_q,
         HAS_H0=h0 is not None, HAS_DHT=dht is not None, STORE_DH0=store_dh0, ANTI=anticausal,
-        IS_VARLEN=cu is not None, num_warps=BWD_WARPS, num_stages=BWD_STAGES, maxnreg=BWD_MAXNREG,
+        IS_VARLEN=cu is not None, num_warps=BWD_WARPS, num_stages=BWD_STAGES,
     )
     return dq, dk, dv, dG, dh0
 
