@@ -914,6 +914,15 @@ def _walk_backward(q, k, v, g, h0, ht, do, dht, chunks: _Chunks, scale: float, a
     return dq, dk, dv, dg, (dh0.to(h0.dtype) if h0 is not None else None)
 
 
+def _offsets(values: list[int], device: torch.device) -> Tensor:
+    """``values`` as int32 on ``device``; to a GPU through pinned memory, without waiting (a blocking
+    copy waits for the stream's queued kernels, so the host could not launch ahead of the GPU)."""
+    t = torch.tensor(values, dtype=torch.int32)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 class _Segments:
     """The sequences of ``chunks`` cut into segments of ``size`` tokens (the last of each sequence
     shorter), as sequences of their own: ``chunks`` (a :class:`_Chunks` over the segments: a batch
@@ -928,11 +937,11 @@ class _Segments:
             first.append(len(starts))
         device = k.device
         self.N, self.count = len(bounds) - 1, len(starts)
-        self.first = torch.tensor(first, dtype=torch.int32, device=device)
+        self.first = _offsets(first, device)
         if uniform:
             self.chunks = _Chunks(k.view(self.count, size, *k.shape[2:]), None, BT)
         else:
-            self.chunks = _Chunks(k, torch.tensor(starts + [bounds[-1]], dtype=torch.int32, device=device), BT)
+            self.chunks = _Chunks(k, _offsets(starts + [bounds[-1]], device), BT)
         self.gs = None
         if g is not None:
             H = g.shape[2]
