@@ -9,7 +9,8 @@ time: register pressure, spills and shared memory past the 227 KB of an H100 sho
 
     python benchmarks/compile_kernels.py [--ops gla,delta,linear] [--gate head] [--length 8192] [--dtype bf16]
 
-``linear`` is noncausal linear attention (elu + 1, normalised, then identity unnormalised); ``gla``
+``linear`` is linear attention (elu + 1, normalised, then identity unnormalised; ``--causal no``: the
+fused noncausal kernels); ``gla``
 with ``--gate none`` and ``--causal no`` is the shared-state path (no gate, noncausal self).
 """
 
@@ -101,8 +102,7 @@ def resources(kernel: JITFunction, signature: dict, constexprs: dict, attrs: dic
 
 
 def op_call(op: str, gate: str, T: int, dtype: torch.dtype, causal: bool = True):
-    """One forward and backward of ``op`` (self; causal unless ``causal`` is False, linear always
-    noncausal) at ``TOKENS // T`` sequences of ``T`` tokens."""
+    """One forward and backward of ``op`` (self; causal unless ``causal`` is False) at ``TOKENS // T`` sequences of ``T`` tokens."""
     B = max(1, TOKENS // T)
     q, k, v = (torch.randn(B, T, H, D, dtype=dtype, requires_grad=True) for _ in range(3))
     per_channel = gate == "channel" and op == "gla"
@@ -110,8 +110,8 @@ def op_call(op: str, gate: str, T: int, dtype: torch.dtype, causal: bool = True)
 
     def run():
         if op == "linear":
-            o = linear_attention(q, k, v, causal=False, backend="triton")
-            o = o + linear_attention(q, k, v, causal=False, feature_map="identity", normalize=False, backend="triton")
+            o = linear_attention(q, k, v, causal=causal, backend="triton")
+            o = o + linear_attention(q, k, v, causal=causal, feature_map="identity", normalize=False, backend="triton")
         elif op == "gla":
             o, _ = gated_linear_attention(q, k, v, g, causal=causal, backend="triton")
         else:
@@ -125,7 +125,7 @@ def op_call(op: str, gate: str, T: int, dtype: torch.dtype, causal: bool = True)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", default="gla,delta", help="comma-separated: gla, delta, linear")
-    parser.add_argument("--causal", choices=("yes", "no"), default="yes", help="gla, delta: causal or noncausal self")
+    parser.add_argument("--causal", choices=("yes", "no"), default="yes", help="gla, linear: causal or noncausal self (delta: causal)")
     parser.add_argument("--gate", choices=("none", "head", "channel"), default="head", help="channel: gla only (delta takes head)")
     parser.add_argument("--length", type=int, default=8192, help="T; the batch is 65,536 // T")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")

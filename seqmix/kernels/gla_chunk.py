@@ -889,9 +889,15 @@ def _walk_grads(q, k, v, g, h0, do, dht, chunks: _Chunks, scale: float, anticaus
         q, k, v, g, h0, do, dht, dq, dk, dv, dh0, dG, cu, scale, chunks.T, rows * H,
         H=H, K=K, V=V, BT=BT, BKF=BKF, BVF=BVF, BKS=BKS, BVS=BVS, NK=NK, GATE=gate, HAS_Q=has_q,
         HAS_H0=h0 is not None, HAS_DHT=dht is not None, STORE_DH0=store_dh0, ANTI=anticausal,
-        IS_VARLEN=cu is not None, num_warps=BWD_WARPS, num_stages=BWD_STAGES,
+        IS_VARLEN=cu is not None, num_warps=BWD_WARPS, num_stages=_bwd_stages(k, BKF, BVF),
     )
     return dq, dk, dv, dG, dh0
+
+
+def _bwd_stages(k: Tensor, BKF: int, BVF: int) -> int:
+    """``BWD_STAGES``, or 1 past 1 KB of a row of q, k and v tiles (float32 at a key dim above 128,
+    e.g. the normaliser's column of causal linear attention: 311 KB of shared memory at 2 stages)."""
+    return BWD_STAGES if k.element_size() * (BKF + BVF) <= 1024 else 1
 
 
 def _gate_grad(dG: Tensor, g: Tensor, dht, ht, chunks: _Chunks, anticausal: bool) -> Tensor:
