@@ -104,6 +104,13 @@ def _packed(make):
     return packed
 
 
+def _narrow(make):
+    """The family's inputs with a quarter of the value columns (``V = D / 4``, under the key dim)."""
+    def narrow(B, T, S, H, K, V, gen):
+        return make(B, T, S, H, K, max(16, V // 4), gen)
+    return narrow
+
+
 def _delta_inputs(gated: bool):
     def make(B, T, S, H, K, V, gen):
         g = F.logsigmoid(_randn(gen, B, S, H) + 3) if gated else None
@@ -132,6 +139,7 @@ DELTA_FAMILIES = [
     Family("delta, no gate", _delta_inputs(False), _delta_call),
     Family("delta, head gate", _delta_inputs(True), _delta_call),
     Family("delta, head, packed", _packed(_delta_inputs(True)), _delta_call, (Pattern.CAUSAL_SELF,), packed=True),
+    Family("delta, narrow v", _narrow(_delta_inputs(True)), _delta_call, (Pattern.CAUSAL_SELF,)),
 ]
 
 
@@ -147,6 +155,8 @@ FAMILIES = [
     Family("gla, head, segments", _gla_inputs("head"), _segments(_gla_call)),
     Family("gla, packed, segments", _packed(_gla_inputs("head")), _segments(_gla_call), (Pattern.CAUSAL_SELF,), packed=True),
     Family("gla, none, segments", _gla_inputs("none"), _segments(_gla_call)),
+    Family("gla, head, narrow v", _narrow(_gla_inputs("head")), _gla_call, (Pattern.CAUSAL_SELF,)),
+    Family("gla, chan., narrow v", _narrow(_gla_inputs("channel")), _gla_call, (Pattern.CAUSAL_SELF,)),
     Family("linear, elu", _linear_inputs, _linear_call, (Pattern.NONCAUSAL_SELF, Pattern.NONCAUSAL_CROSS, Pattern.CAUSAL_SELF)),
 ] + DELTA_FAMILIES
 
@@ -179,7 +189,7 @@ def check(family: Family, pattern: Pattern, B: int, T: int, H: int, D: int, dtyp
     x64 = family.make(B, T, S, H, D, D, gen)
     x = {n: (t.to(dtype) if t is not None and t.is_floating_point() else t) for n, t in x64.items()}
     x64 = {n: (t.double() if t is not None and t.is_floating_point() else t) for n, t in x.items()}  # rounded, exactly
-    cot = {"o": _randn(gen, *x["q"].shape[:3], D)}
+    cot = {"o": _randn(gen, *x["q"].shape[:3], x["v"].shape[-1])}
     if "initial_state" in x:
         cot["state"] = _randn(gen, *x["initial_state"].shape)
     want = run(family, x64, pattern, "chunked", cot)

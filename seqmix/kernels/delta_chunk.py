@@ -63,7 +63,7 @@ import triton.language as tl
 from torch import Tensor
 
 # Launch shapes: state columns per program (halved for key dims above 128), warps, pipeline stages.
-FWD_BV, BWD_BV = 64, 64  # BWD_BV 64: 1.53 ms against 1.86 at 32 (sweep_launch_delta_5ebb97a.log)
+FWD_BV, BWD_BV = 64, 64  # BWD_BV 64: 1.53 ms against 1.86 at 32 (sweep_launch_delta_5ebb97a.log); 32: see _bwd_walk_columns
 NUM_WARPS = 4
 FWD_STAGES, BWD_STAGES = 2, 1
 GRAD_BK, GRAD_BV, GRAD_WARPS, GRAD_STAGES = 64, 64, 4, 2  # dW, dE, dgamma: key columns per program, state columns at a time
@@ -500,6 +500,14 @@ def _blocks(K: int, V: int, max_bv: int) -> tuple[int, int]:
     return BK, BV
 
 
+def _bwd_walk_columns(K: int, V: int) -> int:
+    """State columns per program of the reverse walk: :func:`_blocks`' but at least ``min(BK, 64)``
+    (masked past ``V``). At 32 columns under 64 or 128 key rows the walk made an illegal memory access
+    on the H100 (Triton 3.6): K 64 or 128 with V 32, and 32-column blocks at K = V = 128."""
+    BK, BV = _blocks(K, V, BWD_BV)
+    return max(BV, min(BK, 64))
+
+
 def _mid_dtype(dtype: torch.dtype) -> torch.dtype:
     """Storage dtype of the intermediates but ``U0``, ``gamma`` and ``T`` (module docstring): the
     products' operand dtype (float32 for float32 inputs)."""
@@ -576,7 +584,7 @@ class ScanFunction(torch.autograd.Function):
         du0, dnext = torch.empty(B, H, N, C, V, dtype=mid, device=dev), torch.empty(B, H, N, K, V, dtype=mid, device=dev)
         dh0 = torch.empty(n_seq, H, K, V, **f32)
         dht = None if dht is None else dht.contiguous()
-        _, BV = _blocks(K, V, BWD_BV)
+        BV = _bwd_walk_columns(K, V)
         _bwd_kernel[(triton.cdiv(V, BV), n_seq * H)](
             w, e, gamma, q, g, do, du, dht, du0, dnext, dh0, chunk_offsets, ctx.scale, S, N,
             H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, HAS_DO=do is not None, HAS_DU=du is not None,
