@@ -10,8 +10,8 @@ time: register pressure, spills and shared memory past the 227 KB of an H100 sho
     python benchmarks/compile_kernels.py [--ops gla,delta,linear] [--gate head] [--length 8192] [--dtype bf16]
 
 ``linear`` is linear attention (elu + 1, normalised, then identity unnormalised; ``--causal no``: the
-fused noncausal kernels); ``gla``
-with ``--gate none`` and ``--causal no`` is the shared-state path (no gate, noncausal self).
+fused noncausal kernels); ``gla`` with ``--gate none`` and ``--causal no`` is the shared-state path
+(no gate, noncausal self).
 """
 
 from __future__ import annotations

@@ -37,9 +37,10 @@ sub-chunks of 16 (:mod:`seqmix.kernels.gla_channel`). Two forms share these form
   whole sequences.
 
 - the chunk-parallel form, for per-channel gates and when sequences x heads are too few to fill
-  the GPU (``TARGET_PROGRAMS``; causal walks with a gate per head or none take segments first): one pass per sequence walks only the inter-chunk recurrence and
-  writes the state before every chunk (float32, ``[chunks, H, K, V]``); then one program per chunk, head
-  and block of columns computes its outputs. The backward likewise: one reverse pass writes the
+  the GPU (``TARGET_PROGRAMS``; causal walks with a gate per head or none take segments first):
+  one pass per sequence walks only the inter-chunk recurrence and writes the state before every
+  chunk (float32, ``[chunks, H, K, V]``); then one program per chunk, head and block of columns
+  computes its outputs. The backward likewise: one reverse pass writes the
   gradient of the state after every chunk, then every chunk computes dq, dk, dv and dg at once.
 
 The gate's gradient follows from the cumulative gate ``G``: outputs depend on it through
