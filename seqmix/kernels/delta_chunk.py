@@ -63,7 +63,7 @@ import triton.language as tl
 from torch import Tensor
 
 # Launch shapes: state columns per program (halved for key dims above 128), warps, pipeline stages.
-FWD_BV, BWD_BV = 64, 64  # BWD_BV 64: 1.53 ms against 1.86 at 32 (sweep_launch_delta_5ebb97a.log); 32: see _bwd_walk_columns
+FWD_BV, BWD_BV = 64, 64  # BWD_BV 64: 1.53 ms against 1.86 at 32 (sweep_launch_delta_5ebb97a.log); 32: see _columns
 NUM_WARPS = 4
 FWD_STAGES, BWD_STAGES = 2, 1
 GRAD_BK, GRAD_BV, GRAD_WARPS, GRAD_STAGES = 64, 64, 4, 2  # dW, dE, dgamma: key columns per program, state columns at a time
@@ -493,18 +493,21 @@ def _read_bwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _blocks(K: int, V: int, max_bv: int) -> tuple[int, int]:
-    """``(BK, BV)``: all key rows, and a block of at most ``max_bv`` state columns (half above K = 128)."""
+def _blocks(K: int, V: int, max_bv: int | None) -> tuple[int, int]:
+    """``(BK, BV)``: all key rows, and a block of at most ``max_bv`` state columns (half above K = 128;
+    ``None``: all), widened by :func:`_columns`."""
     BK = max(16, triton.next_power_of_2(K))
-    BV = min(max(16, triton.next_power_of_2(V)), max_bv if K <= 128 else max_bv // 2)
-    return BK, BV
+    BV = max(16, triton.next_power_of_2(V))
+    if max_bv is not None:
+        BV = min(BV, max_bv if K <= 128 else max_bv // 2)
+    return BK, _columns(BK, BV)
 
 
-def _bwd_walk_columns(K: int, V: int) -> int:
-    """State columns per program of the reverse walk: :func:`_blocks`' but at least ``min(BK, 64)``
-    (masked past ``V``). At 32 columns under 64 or 128 key rows the walk made an illegal memory access
-    on the H100 (Triton 3.6): K 64 or 128 with V 32, and 32-column blocks at K = V = 128."""
-    BK, BV = _blocks(K, V, BWD_BV)
+def _columns(BK: int, BV: int) -> int:
+    """A block of ``BV`` state columns widened to at least ``min(BK, 64)`` (masked past ``V``): with
+    bf16 operands, 32-column blocks under 64 or more key rows made illegal memory accesses on the
+    H100 (Triton 3.6): the reverse walk at K = V = 128, and the queries' reads at K = 128, V = 32
+    (``benchmarks/kernels.md``, sixth session)."""
     return max(BV, min(BK, 64))
 
 
@@ -522,7 +525,7 @@ class ScanFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, beta, g, h0, C, dtype, scale, chunk_offsets):
         B, S, H, K = k.shape
         V, N, n_seq = v.shape[-1], triton.cdiv(S, C), h0.shape[0]
-        BK, BVs = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
+        BK, BVs = _blocks(K, V, None)
         precise, low, mid = dtype == torch.float32, _LOW[dtype], _mid_dtype(dtype)
         dev = k.device
         f32 = dict(dtype=torch.float32, device=dev)
@@ -563,7 +566,7 @@ class ScanFunction(torch.autograd.Function):
         q, k, v, beta, g, tinv, w, e, gamma, states, u, chunk_offsets = ctx.saved_tensors
         B, S, H, K = k.shape
         V, C, N, n_seq = v.shape[-1], ctx.C, triton.cdiv(S, ctx.C), ctx.n_seq
-        BK, BVs = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
+        BK, BVs = _blocks(K, V, None)
         precise, low, mid = ctx.dtype == torch.float32, _LOW[ctx.dtype], _mid_dtype(ctx.dtype)
         dev = k.device
         f32 = dict(dtype=torch.float32, device=dev)
@@ -584,7 +587,7 @@ class ScanFunction(torch.autograd.Function):
         du0, dnext = torch.empty(B, H, N, C, V, dtype=mid, device=dev), torch.empty(B, H, N, K, V, dtype=mid, device=dev)
         dh0 = torch.empty(n_seq, H, K, V, **f32)
         dht = None if dht is None else dht.contiguous()
-        BV = _bwd_walk_columns(K, V)
+        _, BV = _blocks(K, V, BWD_BV)
         _bwd_kernel[(triton.cdiv(V, BV), n_seq * H)](
             w, e, gamma, q, g, do, du, dht, du0, dnext, dh0, chunk_offsets, ctx.scale, S, N,
             H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, HAS_DO=do is not None, HAS_DU=du is not None,
