@@ -8,11 +8,13 @@ and the efficiency length (the shortest T at which the per-head-gate kernel beat
                                        [--rows "head gate" ...]   # rows whose names contain these, and their peers
     python benchmarks/bench_kernels.py --breakdown [--delta] [--lengths 8192]   # GPU time per kernel
     python benchmarks/bench_kernels.py --rows "head gate" --sweep --sweep-only SEGMENT_MIN   # some rows, some constants
+    python benchmarks/bench_kernels.py --rows "head gate" --configs "gla_chunk.BWD_BK=128,gla_chunk.BWD_WARPS=8"
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.metadata
 import importlib.util
 import time
@@ -224,6 +226,31 @@ def sweep(only: list[str] | None = None) -> None:
         del x
 
 
+def configs(lengths: list[int], row: tuple[str, Callable, Callable[[int], dict], str | None], specs: list[str]) -> None:
+    """Times ``row`` with its defaults, then under each spec: constants of ``seqmix.kernels`` modules
+    set together (``"gla_chunk.BWD_BK=128,gla_chunk.BWD_WARPS=8"``), restored after it."""
+    name, fn, make, _ = row
+    print(f"{name}: {'constants':<60} {'T':>6} {'fwd':>7} {'fwd+bwd':>8}")
+    for T in lengths:
+        x = make(T)
+        for spec in ["defaults", *specs]:
+            saved = []
+            for item in [] if spec == "defaults" else spec.split(","):
+                target, value = item.split("=")
+                module, constant = target.rsplit(".", 1)
+                module = importlib.import_module(f"seqmix.kernels.{module}")
+                saved.append((module, constant, getattr(module, constant)))
+                setattr(module, constant, ast.literal_eval(value))
+            try:
+                print(f"{spec:<60} {T:>6} {timed(fn, x, False):7.3f} {timed(fn, x, True):8.3f}", flush=True)
+            except Exception as err:  # a failed launch (e.g. too much shared memory) ends this spec only
+                print(f"{spec:<60} {T:>6} failed: {str(err).splitlines()[0][:80]}", flush=True)
+            finally:
+                for module, constant, value in saved:
+                    setattr(module, constant, value)
+        del x
+
+
 def decoding() -> None:
     """One token per sequence through the fused step (the op, checks included, and the bare kernel)
     and the reference, at batch 64 and 1; H=16, D=128, bf16 inputs, float32 state."""
@@ -258,11 +285,13 @@ def inspect() -> None:
                       f"wgmma {ptx.count('wgmma.mma_async')} mma.sync {ptx.count('mma.sync')}", flush=True)
 
 
-def profile_step() -> None:
-    """One warm-up and one measured fwd+bwd of the head-gate kernel at T=8192, for ncu."""
-    x = inputs(8192, "head")
+def profile_step(T: int, row: tuple[str, Callable, Callable[[int], dict], str | None]) -> None:
+    """One warm-up and one measured fwd+bwd of ``row`` at length ``T``, for ncu."""
+    name, fn, make, _ = row
+    x = make(T)
     for _ in range(2):
-        timed_once(ours(True), x)
+        timed_once(fn, x)
+    print(f"{name} T={T}: two fwd+bwd run", flush=True)
 
 
 def breakdown(lengths: list[int], rows: list[tuple[str, Callable, Callable[[int], dict], str | None]]) -> None:
@@ -298,15 +327,16 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time launch configurations first (T=8192, 32768)")
     parser.add_argument("--efficiency", action="store_true", help="also find the efficiency length against SDPA")
     parser.add_argument("--inspect", action="store_true", help="print the compiled kernels' resources and exit")
-    parser.add_argument("--profile-step", action="store_true", help="run one fwd+bwd for ncu and exit")
+    parser.add_argument("--profile-step", action="store_true",
+                        help="run two fwd+bwd of the first chosen row at the first length (for ncu) and exit")
     parser.add_argument("--decoding", action="store_true", help="also time the fused decoding step")
     parser.add_argument("--delta", action="store_true", help="time the delta rule beside fla instead of GLA")
     parser.add_argument("--breakdown", action="store_true", help="GPU time per kernel of each row instead of the table")
     parser.add_argument("--rows", nargs="+", help="only the rows whose names contain one of these (and their peers)")
     parser.add_argument("--sweep-only", nargs="+", default=None, help="--sweep: only these constants")
+    parser.add_argument("--configs", nargs="+", help='time the first chosen row under these sets of constants '
+                        '("gla_chunk.BWD_BK=128,gla_chunk.BWD_WARPS=8") beside its defaults, and exit')
     args = parser.parse_args()
-    if args.profile_step:
-        return profile_step()
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
           f"fla {importlib.metadata.version('fla-core') if importlib.util.find_spec('fla') else 'absent'}")
     if args.inspect:
@@ -316,6 +346,10 @@ def main() -> None:
         names = {name for name, *_ in chosen if any(part in name for part in args.rows)}
         names |= {peer for name, _, _, peer in chosen if name in names}
         chosen = [r for r in chosen if r[0] in names]
+    if args.profile_step:
+        return profile_step(args.lengths[0], chosen[0])
+    if args.configs:
+        return configs(args.lengths, chosen[0], args.configs)
     if args.breakdown:
         return breakdown(args.lengths, chosen)
     if args.delta:
