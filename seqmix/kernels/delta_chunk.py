@@ -506,7 +506,8 @@ def _blocks(K: int, V: int, max_bv: int | None) -> tuple[int, int]:
 def _columns(BK: int, BV: int) -> int:
     """A block of ``BV`` state columns widened to at least ``min(BK, 64)`` (masked past ``V``): with
     bf16 operands, 32-column blocks under 64 or more key rows made illegal memory accesses on the
-    H100 (Triton 3.6): the reverse walk at K = V = 128, and the queries' reads at K = 128, V = 32
+    H100 (Triton 3.6): the reverse walk at K = V = 128 (compute-sanitizer: an out-of-range shared
+    address inside the compiled product) and the queries' reads at K = 128, V = 32
     (``benchmarks/kernels.md``, sixth session)."""
     return max(BV, min(BK, 64))
 
