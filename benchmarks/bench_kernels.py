@@ -17,6 +17,7 @@ import argparse
 import ast
 import importlib.metadata
 import importlib.util
+import re
 import time
 from functools import partial
 from typing import Callable
@@ -235,8 +236,8 @@ def configs(lengths: list[int], row: tuple[str, Callable, Callable[[int], dict],
         x = make(T)
         for spec in ["defaults", *specs]:
             saved = []
-            for item in [] if spec == "defaults" else spec.split(","):
-                target, value = item.split("=")
+            for item in [] if spec == "defaults" else re.split(r",(?=\s*\w+\.\w+=)", spec):
+                target, value = item.split("=", 1)
                 module, constant = target.rsplit(".", 1)
                 module = importlib.import_module(f"seqmix.kernels.{module}")
                 saved.append((module, constant, getattr(module, constant)))

@@ -20,7 +20,8 @@ sub-chunks of 16 (:mod:`seqmix.kernels.gla_channel`). Two forms share these form
 
 - the walks (gate per head or none): one program per sequence, head and block of state columns
   walks the chunks in order, keeping ``S`` in registers (no state goes to memory). The backward
-  runs three kinds of programs in one launch: ``dq`` walks forward recomputing ``S`` (a block of its rows); ``dk`` and
+  runs three kinds of programs (in one launch, or one each: ``BWD_APART_MAX``): ``dq`` walks
+  forward recomputing ``S`` (a block of its rows); ``dk`` and
   ``dv`` walk backward carrying ``dS`` (a block of its rows, resp. columns)::
 
     dS <- diag(exp(c_L)) dS + scale * (q * exp(c))^T do            (dS at the end = grad of final state)
@@ -74,6 +75,15 @@ BWD_BK = 64  # state rows per dq / dk walk
 BWD_BV = 64  # state columns per dv walk
 FWD_WARPS, FWD_STAGES = 4, 3
 BWD_WARPS, BWD_STAGES = 4, 2
+# the backward walks' roles (dq, dk, dv, in this order) in groups, one launch per group: a launch
+# compiles only its roles and holds only their registers. With a per-head gate and at most
+# BWD_APART_MAX sequences x heads each role runs apart: 3.07 against 3.39 ms fwd+bwd at 8K (128),
+# 3.07 against 3.15 at 4K (256); all in one launch is faster at 2K (512: 2.97 against 3.07) and 1K,
+# in the walks per segment (16K, 32K) and without a gate (2.15 against 2.21 at 8K) (H100, bf16,
+# H = 16, D = 128; benchmarks/kernels.md, sixth session)
+BWD_GROUPS_FUSED = (("dq", "dk", "dv"),)
+BWD_GROUPS_APART = (("dq",), ("dk",), ("dv",))
+BWD_APART_MAX = 256
 # sequences x heads below which the chunk-parallel form replaces the walks, by measurement (H100,
 # Triton 3.6, bf16, H = 16, D = 128, 65,536 tokens, fwd+bwd; benchmarks/kernels.md, v4): walks
 # 3.65 / 4.23 / 7.35 ms at T = 2K / 8K / 32K (64 / 16 / 2 sequences), chunk-parallel 8.02 / 7.99 /
@@ -405,34 +415,40 @@ def _bwd_dv(
 
 @triton.jit
 def _bwd_kernel(
-    q, k, v, g, h0, do, dht, dq, dk, dv, dh0, dG, cu_seqlens, scale, T, TG,
+    q, k, v, g, h0, do, dht, dq, dk, dv, dh0, dG, cu_seqlens, scale, T, TG, ROLE0,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BKF: tl.constexpr, BVF: tl.constexpr, BKS: tl.constexpr, BVS: tl.constexpr, NK: tl.constexpr,
     GATE: tl.constexpr, HAS_Q: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-    ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
+    ANTI: tl.constexpr, IS_VARLEN: tl.constexpr, DQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
 ):
-    """Programs ``[0, NK)`` compute dq (only with queries), the next ``NK`` dk, the rest dv. The dG
-    slot of a dk program is its program index."""
-    role, i_nh = tl.program_id(0), tl.program_id(1)
+    """Role ``ROLE0 + program_id(0)``: roles ``[0, NK)`` compute dq (only with queries), the next
+    ``NK`` dk, the rest dv; ``DQ``, ``DK``, ``DV``: which of them this launch compiles. The dG slot
+    of a dk program is its role."""
+    role, i_nh = ROLE0 + tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     if HAS_Q:
         if role < NK:
-            _bwd_dq(q, k, v, g, h0, do, dq, dG, scale, bos, Tn, i_nh, i_h, role, TG,
-                    H, K, V, BT, BKS, BVF, GATE, HAS_H0, ANTI)
+            if DQ:
+                _bwd_dq(q, k, v, g, h0, do, dq, dG, scale, bos, Tn, i_nh, i_h, role, TG,
+                        H, K, V, BT, BKS, BVF, GATE, HAS_H0, ANTI)
         elif role < 2 * NK:
-            _bwd_dk(q, k, v, g, do, dht, dk, dh0, dG, scale, bos, Tn, i_nh, i_h, role - NK, role, TG,
-                    H, K, V, BT, BKS, BVF, GATE, HAS_Q, HAS_DHT, STORE_DH0, ANTI)
+            if DK:
+                _bwd_dk(q, k, v, g, do, dht, dk, dh0, dG, scale, bos, Tn, i_nh, i_h, role - NK, role, TG,
+                        H, K, V, BT, BKS, BVF, GATE, HAS_Q, HAS_DHT, STORE_DH0, ANTI)
         else:
-            _bwd_dv(q, k, g, do, dht, dv, scale, bos, Tn, i_nh, i_h, role - 2 * NK,
-                    H, K, V, BT, BKF, BVS, GATE, HAS_Q, HAS_DHT, ANTI)
+            if DV:
+                _bwd_dv(q, k, g, do, dht, dv, scale, bos, Tn, i_nh, i_h, role - 2 * NK,
+                        H, K, V, BT, BKF, BVS, GATE, HAS_Q, HAS_DHT, ANTI)
     else:
         if role < NK:
-            _bwd_dk(q, k, v, g, do, dht, dk, dh0, dG, scale, bos, Tn, i_nh, i_h, role, role, TG,
-                    H, K, V, BT, BKS, BVF, GATE, HAS_Q, HAS_DHT, STORE_DH0, ANTI)
+            if DK:
+                _bwd_dk(q, k, v, g, do, dht, dk, dh0, dG, scale, bos, Tn, i_nh, i_h, role, role, TG,
+                        H, K, V, BT, BKS, BVF, GATE, HAS_Q, HAS_DHT, STORE_DH0, ANTI)
         else:
-            _bwd_dv(q, k, g, do, dht, dv, scale, bos, Tn, i_nh, i_h, role - NK,
-                    H, K, V, BT, BKF, BVS, GATE, HAS_Q, HAS_DHT, ANTI)
+            if DV:
+                _bwd_dv(q, k, g, do, dht, dv, scale, bos, Tn, i_nh, i_h, role - NK,
+                        H, K, V, BT, BKF, BVS, GATE, HAS_Q, HAS_DHT, ANTI)
 
 
 @triton.jit
@@ -871,7 +887,9 @@ def _walk_forward(q, k, v, g, h0, chunks: _Chunks, scale: float, anticausal: boo
 
 def _walk_grads(q, k, v, g, h0, do, dht, chunks: _Chunks, scale: float, anticausal: bool, BT: int, store_dh0: bool):
     """``_bwd_kernel``: dq, dk, dv, the slots of ``dL/dG`` per row (``dG [slots, rows, H]`` or None),
-    and dh0 (float32, if ``store_dh0``); dq walks forward, dk and dv backward, in one launch."""
+    and dh0 (float32, if ``store_dh0``); dq walks forward, dk and dv backward, one launch per group
+    of roles (``BWD_GROUPS_APART`` with a per-head gate and few sequences x heads, else
+    ``BWD_GROUPS_FUSED``)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     gate = _gate_kind(g)
@@ -886,12 +904,23 @@ def _walk_grads(q, k, v, g, h0, do, dht, chunks: _Chunks, scale: float, anticaus
     slots = (2 if has_q else 1) * NK
     dG = torch.empty(slots, rows, H, dtype=torch.float32, device=k.device) if gate else None
     cu = chunks.cu_seqlens
-    _bwd_kernel[((2 * NK if has_q else NK) + NV, chunks.N * H)](
-        q, k, v, g, h0, do, dht, dq, dk, dv, dh0, dG, cu, scale, chunks.T, rows * H,
-        H=H, K=K, V=V, BT=BT, BKF=BKF, BVF=BVF, BKS=BKS, BVS=BVS, NK=NK, GATE=gate, HAS_Q=has_q,
-        HAS_H0=h0 is not None, HAS_DHT=dht is not None, STORE_DH0=store_dh0, ANTI=anticausal,
-        IS_VARLEN=cu is not None, num_warps=BWD_WARPS, num_stages=_bwd_stages(k, BKF, BVF),
-    )
+    apart = gate == 1 and chunks.N * H <= BWD_APART_MAX
+    groups = BWD_GROUPS_APART if apart else BWD_GROUPS_FUSED
+    if [role for group in groups for role in group] != ["dq", "dk", "dv"]:
+        raise ValueError(f"the backward's role groups must split ('dq', 'dk', 'dv') in order, got {groups}")
+    programs = {"dq": NK if has_q else 0, "dk": NK, "dv": NV}
+    role0 = 0
+    for group in groups:
+        n = sum(programs[role] for role in group)
+        if n:
+            _bwd_kernel[(n, chunks.N * H)](
+                q, k, v, g, h0, do, dht, dq, dk, dv, dh0, dG, cu, scale, chunks.T, rows * H, role0,
+                H=H, K=K, V=V, BT=BT, BKF=BKF, BVF=BVF, BKS=BKS, BVS=BVS, NK=NK, GATE=gate, HAS_Q=has_q,
+                HAS_H0=h0 is not None, HAS_DHT=dht is not None, STORE_DH0=store_dh0, ANTI=anticausal,
+                IS_VARLEN=cu is not None, DQ="dq" in group, DK="dk" in group, DV="dv" in group,
+                num_warps=BWD_WARPS, num_stages=_bwd_stages(k, BKF, BVF),
+            )
+        role0 += n
     return dq, dk, dv, dG, dh0
 
 

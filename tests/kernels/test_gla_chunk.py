@@ -24,6 +24,15 @@ for gate in ("none", "head"):  # one program per sequence and head walks the chu
     CASES[f"varlen-{gate}-walk"] = dict(op="gla", pattern="CS", gate=gate, T=0, cu=[0, 1, 9, 80, 90], dtype="float32",
                                         target_programs=1)
 CASES["NS-head-walk"] = dict(op="gla", pattern="NS", gate="head", T=150, dtype="float32", target_programs=1)
+# the backward walks' roles in launches of their own (dk's gate-gradient slots after dq's): the default
+# apart groups with two blocks of state rows; two groups with no queries' roles (noncausal cross) and without a gate
+APART = dict(BWD_APART_MAX=2**31)
+CASES["CS-head-walk-apart"] = dict(op="gla", pattern="CS", gate="head", T=80, K=80, dtype="float32",
+                                   target_programs=1, gla_constants=APART)
+CASES["NC-head-walk-apart-two"] = dict(op="gla", pattern="NC", gate="head", T=40, dtype="float32", target_programs=1,
+                                       gla_constants=dict(APART, BWD_GROUPS_APART=(("dq", "dk"), ("dv",))))
+CASES["CS-none-walk-fused-two"] = dict(op="gla", pattern="CS", gate="none", T=40, dtype="float32", target_programs=1,
+                                       gla_constants=dict(BWD_GROUPS_FUSED=(("dq",), ("dk", "dv"))))
 CASES["CS-head-dims"] = dict(op="gla", pattern="CS", gate="head", T=40, K=32, V=24, chunk=32, dtype="float32")
 # chunks of 64, two blocks of state rows and columns in every chunk-parallel kernel (tiles of 64)
 CASES["NS-head-blocks"] = dict(op="gla", pattern="NS", gate="head", T=150, K=80, V=72, chunk=64, dtype="float32")
