@@ -20,7 +20,7 @@ sub-chunks of 16 (:mod:`seqmix.kernels.gla_channel`). Two forms share these form
 
 - the walks (gate per head or none): one program per sequence, head and block of state columns
   walks the chunks in order, keeping ``S`` in registers (no state goes to memory). The backward
-  runs three kinds of programs (in one launch, or one each: ``BWD_APART_MAX``): ``dq`` walks
+  runs three kinds of programs (in one launch, or one each: ``BWD_APART``): ``dq`` walks
   forward recomputing ``S`` (a block of its rows); ``dk`` and
   ``dv`` walk backward carrying ``dS`` (a block of its rows, resp. columns)::
 
@@ -76,14 +76,15 @@ BWD_BV = 64  # state columns per dv walk
 FWD_WARPS, FWD_STAGES = 4, 3
 BWD_WARPS, BWD_STAGES = 4, 2
 # the backward walks' roles (dq, dk, dv, in this order) in groups, one launch per group: a launch
-# compiles only its roles and holds only their registers. With a per-head gate and at most
-# BWD_APART_MAX sequences x heads each role runs apart: 3.07 against 3.39 ms fwd+bwd at 8K (128),
-# 3.07 against 3.15 at 4K (256); all in one launch is faster at 2K (512: 2.97 against 3.07) and 1K,
-# in the walks per segment (16K, 32K) and without a gate (2.15 against 2.21 at 8K) (H100, bf16,
-# H = 16, D = 128; benchmarks/kernels.md, sixth session)
+# compiles only its roles and holds only their registers. With a per-head gate and sequences x heads
+# in BWD_APART each role runs apart: 3.07 against 3.39 ms fwd+bwd at 8K (128), 3.07 against 3.15 at
+# 4K (256); all in one launch is faster at 2K (512: 2.97 against 3.07) and 1K, in the walks per
+# segment (16K, 32K), at 32 (the walks forced at 32K: 5.58 against 10.1; three launches of few
+# programs each) and without a gate (2.15 against 2.21 at 8K) (H100, bf16, H = 16, D = 128;
+# benchmarks/kernels.md, sixth session)
 BWD_GROUPS_FUSED = (("dq", "dk", "dv"),)
 BWD_GROUPS_APART = (("dq",), ("dk",), ("dv",))
-BWD_APART_MAX = 256
+BWD_APART = (128, 256)
 # sequences x heads below which the chunk-parallel form replaces the walks, by measurement (H100,
 # Triton 3.6, bf16, H = 16, D = 128, 65,536 tokens, fwd+bwd; benchmarks/kernels.md, v4): walks
 # 3.65 / 4.23 / 7.35 ms at T = 2K / 8K / 32K (64 / 16 / 2 sequences), chunk-parallel 8.02 / 7.99 /
@@ -888,7 +889,7 @@ def _walk_forward(q, k, v, g, h0, chunks: _Chunks, scale: float, anticausal: boo
 def _walk_grads(q, k, v, g, h0, do, dht, chunks: _Chunks, scale: float, anticausal: bool, BT: int, store_dh0: bool):
     """``_bwd_kernel``: dq, dk, dv, the slots of ``dL/dG`` per row (``dG [slots, rows, H]`` or None),
     and dh0 (float32, if ``store_dh0``); dq walks forward, dk and dv backward, one launch per group
-    of roles (``BWD_GROUPS_APART`` with a per-head gate and few sequences x heads, else
+    of roles (``BWD_GROUPS_APART`` with a per-head gate and sequences x heads in ``BWD_APART``, else
     ``BWD_GROUPS_FUSED``)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -904,7 +905,7 @@ def _walk_grads(q, k, v, g, h0, do, dht, chunks: _Chunks, scale: float, anticaus
     slots = (2 if has_q else 1) * NK
     dG = torch.empty(slots, rows, H, dtype=torch.float32, device=k.device) if gate else None
     cu = chunks.cu_seqlens
-    apart = gate == 1 and chunks.N * H <= BWD_APART_MAX
+    apart = gate == 1 and BWD_APART[0] <= chunks.N * H <= BWD_APART[1]
     groups = BWD_GROUPS_APART if apart else BWD_GROUPS_FUSED
     if [role for group in groups for role in group] != ["dq", "dk", "dv"]:
         raise ValueError(f"the backward's role groups must split ('dq', 'dk', 'dv') in order, got {groups}")

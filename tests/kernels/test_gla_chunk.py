@@ -26,7 +26,7 @@ for gate in ("none", "head"):  # one program per sequence and head walks the chu
 CASES["NS-head-walk"] = dict(op="gla", pattern="NS", gate="head", T=150, dtype="float32", target_programs=1)
 # the backward walks' roles in launches of their own (dk's gate-gradient slots after dq's): the default
 # apart groups with two blocks of state rows; two groups with no queries' roles (noncausal cross) and without a gate
-APART = dict(BWD_APART_MAX=2**31)
+APART = dict(BWD_APART=(0, 2**31))
 CASES["CS-head-walk-apart"] = dict(op="gla", pattern="CS", gate="head", T=80, K=80, dtype="float32",
                                    target_programs=1, gla_constants=APART)
 CASES["NC-head-walk-apart-two"] = dict(op="gla", pattern="NC", gate="head", T=40, dtype="float32", target_programs=1,
