@@ -24,8 +24,9 @@ for gate in ("none", "head"):  # one program per sequence and head walks the chu
     CASES[f"varlen-{gate}-walk"] = dict(op="gla", pattern="CS", gate=gate, T=0, cu=[0, 1, 9, 80, 90], dtype="float32",
                                         target_programs=1)
 CASES["NS-head-walk"] = dict(op="gla", pattern="NS", gate="head", T=150, dtype="float32", target_programs=1)
-# the backward walks' roles in launches of their own (dk's gate-gradient slots after dq's): the default
-# apart groups with two blocks of state rows; two groups with no queries' roles (noncausal cross) and without a gate
+# the backward walks' roles in launches of their own (dk's gate-gradient slots after dq's): the apart
+# groups with two blocks of state rows (K = 80); two groups, per-head gate, noncausal cross; two groups
+# in place of the one launch, no gate
 APART = dict(BWD_APART=(0, 2**31))
 CASES["CS-head-walk-apart"] = dict(op="gla", pattern="CS", gate="head", T=80, K=80, dtype="float32",
                                    target_programs=1, gla_constants=APART)
