@@ -34,6 +34,9 @@ CASES["NC-head-walk-apart-two"] = dict(op="gla", pattern="NC", gate="head", T=40
                                        gla_constants=dict(APART, BWD_GROUPS_APART=(("dq", "dk"), ("dv",))))
 CASES["CS-none-walk-fused-two"] = dict(op="gla", pattern="CS", gate="none", T=40, dtype="float32", target_programs=1,
                                        gla_constants=dict(BWD_GROUPS_FUSED=(("dq",), ("dk", "dv"))))
+# walks with 64 state columns (V = 40) over several chunks
+CASES["CS-head-walk-wide"] = dict(op="gla", pattern="CS", gate="head", T=80, V=40, chunk=32, dtype="float32",
+                                  target_programs=1)
 CASES["CS-head-dims"] = dict(op="gla", pattern="CS", gate="head", T=40, K=32, V=24, chunk=32, dtype="float32")
 # chunks of 64, two blocks of state rows and columns in every chunk-parallel kernel (tiles of 64)
 CASES["NS-head-blocks"] = dict(op="gla", pattern="NS", gate="head", T=150, K=80, V=72, chunk=64, dtype="float32")
