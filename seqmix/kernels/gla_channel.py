@@ -72,9 +72,10 @@ DV_BV, DV_WARPS, DV_STAGES = 128, 4, 1  # columns per dv program
 
 @triton.jit
 def _rows_of(i_c, bos, Tn, BT: tl.constexpr, ANTI: tl.constexpr):
-    """The rows of chunk ``i_c`` (of ``BT`` rows) as a first row ``row0`` (int64: ``bos`` plus its time
-    index) and int32 steps ``dr`` from it (``-r`` when ``ANTI``, as :func:`_chunk_rows`, which tells
-    the real rows): row ``r`` is ``row0 + dr[r]``."""
+    """The rows of chunk ``i_c`` (of ``BT`` rows): their time indices ``t`` and which are real
+    (:func:`_chunk_rows`), and a first row ``row0`` (int64: ``bos`` plus its time index) with int32
+    steps ``dr`` from it (``-r`` when ``ANTI``): row ``r`` is ``row0 + dr[r]``."""
+    t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
     r = tl.arange(0, BT)
     if ANTI:
         row0 = bos + (Tn - 1 - i_c * BT)
@@ -82,7 +83,7 @@ def _rows_of(i_c, bos, Tn, BT: tl.constexpr, ANTI: tl.constexpr):
     else:
         row0 = bos + i_c * BT
         dr = r
-    return row0, dr
+    return t, valid, row0, dr
 
 
 @triton.jit
@@ -159,8 +160,7 @@ def _scores_kernel(
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     dt = k.dtype.element_ty
-    t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    row0, dr = _rows_of(i_c, bos, Tn, BT, ANTI)
+    t, valid, row0, dr = _rows_of(i_c, bos, Tn, BT, ANTI)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     b_span = tl.zeros([KB], dtype=tl.float32)  # per channel, the largest exponent b_I - c_j, j in I
     for i_k in range(tl.cdiv(K, KB)):
@@ -193,8 +193,7 @@ def _diag_kernel(
         i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
         bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
         for m in range(BT // SUB):
-            t, valid = _chunk_rows(i_c * (BT // SUB) + m, Tn, SUB, ANTI)  # sub-chunk m of chunk i_c
-            row0, dr = _rows_of(i_c * (BT // SUB) + m, bos, Tn, SUB, ANTI)
+            t, valid, row0, dr = _rows_of(i_c * (BT // SUB) + m, bos, Tn, SUB, ANTI)  # sub-chunk m of chunk i_c
             b_A = _diag_scores(q, k, g, bos, t, row0, dr, valid, Tn, i_h, H, K, SUB, KC, ANTI)
             _put(A, b_A, row0, dr, valid, i_h, m * SUB + tl.arange(0, SUB), H, BT)
 
@@ -215,8 +214,7 @@ def _output_kernel(
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     dt = v.dtype.element_ty
-    t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    row0, dr = _rows_of(i_c, bos, Tn, BT, ANTI)
+    t, valid, row0, dr = _rows_of(i_c, bos, Tn, BT, ANTI)
     cv = i_v * BV + tl.arange(0, BV)
     b_o = _dot(_load(A, row0, dr, valid, i_h, tl.arange(0, BT), H, BT).to(dt), _load(v, row0, dr, valid, i_h, cv, H, V))
     for i_k in range(tl.cdiv(K, KB)):
@@ -246,8 +244,7 @@ def _dqk_diag_kernel(
         i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
         bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
         for m in range(BT // SUB):
-            t, valid = _chunk_rows(i_c * (BT // SUB) + m, Tn, SUB, ANTI)  # sub-chunk m of chunk i_c
-            row0, dr = _rows_of(i_c * (BT // SUB) + m, bos, Tn, SUB, ANTI)
+            t, valid, row0, dr = _rows_of(i_c * (BT // SUB) + m, bos, Tn, SUB, ANTI)  # sub-chunk m of chunk i_c
             b_dA = tl.zeros([SUB, SUB], dtype=tl.float32)
             for i_v in range(tl.cdiv(V, BV)):
                 cv = i_v * BV + tl.arange(0, BV)
@@ -285,9 +282,8 @@ def _dqk_kernel(
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     dt = k.dtype.element_ty
     ck = i_k * BK + tl.arange(0, BK)
-    t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
+    t, valid, row0, dr = _rows_of(i_c, bos, Tn, BT, ANTI)
     rows = bos + t  # the gate's gradient
-    row0, dr = _rows_of(i_c, bos, Tn, BT, ANTI)
     b_k = _load(k, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
     b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI)
     b_c = tl.cumsum(b_g, 0)
@@ -351,8 +347,7 @@ def _dv_kernel(
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     dt = k.dtype.element_ty
-    t, valid = _chunk_rows(i_c, Tn, BT, ANTI)
-    row0, dr = _rows_of(i_c, bos, Tn, BT, ANTI)
+    t, valid, row0, dr = _rows_of(i_c, bos, Tn, BT, ANTI)
     cv = i_v * BV + tl.arange(0, BV)
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)
     if HAS_Q:
