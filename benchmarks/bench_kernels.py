@@ -114,6 +114,7 @@ def rows(fla: dict[str, Callable]) -> list[tuple[str, Callable, Callable[[int], 
         ("head gate, causal, chunk-par.", ours(True, walks=False), "head", "fla chunk_simple_gla"),
         ("head gate, causal, segments", ours(True, segments=True), "head", "fla chunk_simple_gla"),
         ("channel gate, causal", ours(True), "channel", "fla chunk_gla"),
+        ("no gate, causal", ours(True), "none", None),
         ("no gate, noncausal self", ours(False), "none", None),
         ("linear attn., noncausal (elu)", linear, "none", None),
     ]

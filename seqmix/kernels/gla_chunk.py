@@ -210,21 +210,27 @@ def _decayed(S, cl, GATE: tl.constexpr):
 
 
 @triton.jit
-def _dot_split(a, b, SPLIT_A: tl.constexpr):
+def _dot_split(a, b, SPLIT_A: tl.constexpr, KEEP: tl.constexpr):
     """``a @ b`` where one operand (``a`` if ``SPLIT_A``) is float32 and the other is exact in its
-    dtype: the float32 one is kept to about 16 bits as a high and a low part of the other's dtype."""
+    dtype. ``KEEP`` (products that feed a gate's gradient): the float32 one is kept to about 16 bits
+    as a high and a low part of the other's dtype; else it is rounded to that dtype (one product).
+    A float32 pair is one ``tf32x3`` product either way."""
     if SPLIT_A:
         if b.dtype == tl.float32:
             out = tl.dot(a, b, input_precision="tf32x3")
-        else:
+        elif KEEP:
             hi = a.to(b.dtype)
             out = tl.dot(hi, b) + tl.dot((a - hi.to(tl.float32)).to(b.dtype), b)
+        else:
+            out = tl.dot(a.to(b.dtype), b)
     else:
         if a.dtype == tl.float32:
             out = tl.dot(a, b, input_precision="tf32x3")
-        else:
+        elif KEEP:
             hi = b.to(a.dtype)
             out = tl.dot(a, hi) + tl.dot(a, (b - hi.to(tl.float32)).to(a.dtype))
+        else:
+            out = tl.dot(a, b.to(a.dtype))
     return out
 
 
@@ -292,10 +298,7 @@ def _fwd_kernel(
             b_o = _dot(_rows_times(b_q, tl.exp(b_c), GATE).to(dt), b_S.to(dt)) + _dot(b_A.to(dt), b_v)
             _store(o + i_h * V, scale * b_o, rows, valid, cv, V, H * V)
         b_kd = _rows_times(b_k, tl.exp(_to_end(b_c, b_cl, GATE)), GATE)
-        if SPLIT:
-            b_S = _decayed(b_S, b_cl, GATE) + _dot_split(tl.trans(b_kd), b_v, True)
-        else:
-            b_S = _decayed(b_S, b_cl, GATE) + _dot(tl.trans(b_kd.to(dt)), b_v)
+        b_S = _decayed(b_S, b_cl, GATE) + _dot_split(tl.trans(b_kd), b_v, True, SPLIT)
     if STORE_HT:
         tl.store(ht + state_offs, b_S, mask=state_mask)
 
@@ -326,7 +329,7 @@ def _bwd_dq(
         b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, GATE, ANTI)
         b_c = tl.cumsum(b_g, 0)
         b_cl = tl.sum(b_g, 0)
-        b_dq = _rows_times(_dot_split(b_do, tl.trans(b_S), False), tl.exp(b_c), GATE)
+        b_dq = _rows_times(_dot_split(b_do, tl.trans(b_S), False, GATE > 0), tl.exp(b_c), GATE)
         b_dA = _dot(b_do, tl.trans(b_v)) * _head_decay(b_c, BT, ANTI)
         b_dq += _dot(b_dA.to(dt), b_k)
         b_dq *= scale
@@ -335,7 +338,7 @@ def _bwd_dq(
             b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
             tl.store(dG + i_k * TG + rows * H + i_h, tl.sum(b_q.to(tl.float32) * b_dq, 1), mask=valid)
         b_kd = _rows_times(b_k, tl.exp(_to_end(b_c, b_cl, GATE)), GATE)
-        b_S = _decayed(b_S, b_cl, GATE) + _dot_split(tl.trans(b_kd), b_v, True)
+        b_S = _decayed(b_S, b_cl, GATE) + _dot_split(tl.trans(b_kd), b_v, True, GATE > 0)
 
 
 @triton.jit
@@ -361,7 +364,7 @@ def _bwd_dk(
         b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, GATE, ANTI)
         b_c = tl.cumsum(b_g, 0)
         b_cl = tl.sum(b_g, 0)
-        b_dk = _rows_times(_dot_split(b_v, tl.trans(b_dS), False), tl.exp(_to_end(b_c, b_cl, GATE)), GATE)
+        b_dk = _rows_times(_dot_split(b_v, tl.trans(b_dS), False, GATE > 0), tl.exp(_to_end(b_c, b_cl, GATE)), GATE)
         b_dS = _decayed(b_dS, b_cl, GATE)
         if HAS_Q:
             b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
@@ -369,7 +372,7 @@ def _bwd_dk(
             b_dAt = tl.trans(_dot(b_do, tl.trans(b_v)) * _head_decay(b_c, BT, ANTI))
             b_dk += scale * _dot(b_dAt.to(dt), b_q)
             b_qd = _rows_times(scale * b_q.to(tl.float32), tl.exp(b_c), GATE)
-            b_dS += _dot_split(tl.trans(b_qd), b_do, True)
+            b_dS += _dot_split(tl.trans(b_qd), b_do, True, GATE > 0)
         _store(dk + i_h * K, b_dk, rows, valid, ck, K, H * K)
         if GATE:  # k read here, where it is used: fewer tiles live across the products (less spill)
             b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K)
@@ -590,7 +593,7 @@ def _states_kernel(
             else:
                 b_w = _to_end(b_c, b_cl, GATE)
             b_x = _rows_times(scale * _tile(x + i_h * K, rows, valid, ck, K, H * K).to(tl.float32), tl.exp(b_w), GATE)
-            b_S += _dot_split(tl.trans(b_x), _tile(y + i_h * V, rows, valid, cv, V, H * V), True)
+            b_S += _dot_split(tl.trans(b_x), _tile(y + i_h * V, rows, valid, cv, V, H * V), True, GATE > 0)
     tl.store(final + i_nh.to(tl.int64) * K * V + offs, b_S, mask=mask)
 
 
@@ -676,14 +679,14 @@ def _chunk_dqk(
         cv = i_v * BV + tl.arange(0, BV)
         b_v = _tile(v + i_h * V, rows, valid, cv, V, H * V)
         b_dS = _state_tile(dstates, i_t, i_h, ck, cv, H, K, V)
-        b_dk += _dot_split(b_v, tl.trans(b_dS), False)
+        b_dk += _dot_split(b_v, tl.trans(b_dS), False, GATE > 0)
         if HAS_Q or GATE:
             b_S = _state_tile(states, i_t, i_h, ck, cv, H, K, V)
         if GATE:
             b_SdS += tl.sum(b_S * b_dS, 1)
         if HAS_Q:
             b_do = _tile(do + i_h * V, rows, valid, cv, V, H * V)
-            b_dq += _dot_split(b_do, tl.trans(b_S), False)
+            b_dq += _dot_split(b_do, tl.trans(b_S), False, GATE > 0)
             b_dA += _dot(b_do, tl.trans(b_v))
     b_dk = _rows_times(b_dk, tl.exp(_to_end(b_c, b_cl, GATE)), GATE)
     if GATE:
@@ -881,7 +884,7 @@ def _walk_forward(q, k, v, g, h0, chunks: _Chunks, scale: float, anticausal: boo
         q, k, v, g, h0, o, ht, chunks.cu_seqlens, scale, chunks.T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=_gate_kind(g), HAS_Q=q is not None, HAS_H0=h0 is not None,
         STORE_HT=output_final_state, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None,
-        SPLIT=output_final_state, num_warps=FWD_WARPS, num_stages=FWD_STAGES,
+        SPLIT=output_final_state and g is not None, num_warps=FWD_WARPS, num_stages=FWD_STAGES,
     )
     return o, ht
 

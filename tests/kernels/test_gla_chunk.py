@@ -68,6 +68,12 @@ CASES["NS-head-seg"] = dict(op="gla", pattern="NS", gate="head", T=33, dtype="fl
 CASES["CC-head-seg"] = dict(op="gla", pattern="CC", gate="head", T=33, dtype="float32", seed=11, gla_constants=SEG)
 CASES["CS-head-seg-fp16"] = dict(op="gla", pattern="CS", gate="head", T=65, dtype="float16", seed=12, gla_constants=SEG)
 CASES["CS-head-fp16"] = dict(op="gla", pattern="CS", gate="head", T=65, dtype="float16")
+# no gate in fp16: the state products in one fp16 product each (no gate gradient to keep 16 bits for),
+# chunk-parallel, as walks and per segment
+CASES["CS-none-fp16"] = dict(op="gla", pattern="CS", gate="none", T=65, dtype="float16", seed=16)
+CASES["CS-none-walk-fp16"] = dict(op="gla", pattern="CS", gate="none", T=80, dtype="float16", seed=17, target_programs=1)
+CASES["CS-none-seg-fp16"] = dict(op="gla", pattern="CS", gate="none", T=96, dtype="float16", seed=18,
+                                 gla_constants=dict(SEG, SEGMENT_MIN=32))
 CASES["CS-channel-fp16"] = dict(op="gla", pattern="CS", gate="channel", B=1, T=40, chunk=32, dtype="float16")
 TOL = {"float32": 1e-5, "float16": 3e-3}
 # per-channel gates decaying strongly (log gates x 30 in the first `strong` tokens: sub-chunk spans
