@@ -336,7 +336,7 @@ def _bwd_dq(
         _store(dq + i_h * K, b_dq, rows, valid, ck, K, H * K)
         if GATE:  # q read here, where it is used: fewer tiles live across the products (less spill)
             b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
-            tl.store(dG + i_k * TG + rows * H + i_h, tl.sum(b_q.to(tl.float32) * b_dq, 1), mask=valid)
+            tl.store(dG + i_k * TG + i_h * (TG // H) + rows, tl.sum(b_q.to(tl.float32) * b_dq, 1), mask=valid)
         b_kd = _rows_times(b_k, tl.exp(_to_end(b_c, b_cl, GATE)), GATE)
         b_S = _decayed(b_S, b_cl, GATE) + _dot_split(tl.trans(b_kd), b_v, True, GATE > 0)
 
@@ -376,7 +376,7 @@ def _bwd_dk(
         _store(dk + i_h * K, b_dk, rows, valid, ck, K, H * K)
         if GATE:  # k read here, where it is used: fewer tiles live across the products (less spill)
             b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K)
-            tl.store(dG + slot * TG + rows * H + i_h, -tl.sum(b_k.to(tl.float32) * b_dk, 1), mask=valid)
+            tl.store(dG + slot * TG + i_h * (TG // H) + rows, -tl.sum(b_k.to(tl.float32) * b_dk, 1), mask=valid)
     if STORE_DH0:
         tl.store(dh0 + state_offs, b_dS, mask=state_mask)
 
@@ -461,8 +461,8 @@ def _gate_grad_kernel(
     NP: tl.constexpr, H: tl.constexpr, BT: tl.constexpr, HAS_LAST: tl.constexpr, ANTI: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """``dg [rows, H]`` from the ``NP`` slots of ``dL/dG``: a suffix sum per sequence (an exclusive
-    prefix sum for the anticausal pass), ``dlast [N, H]`` added at the last token."""
+    """``dg [rows, H]`` from the ``NP`` slots of ``dL/dG`` (``dG [NP, H, rows]``): a suffix sum per
+    sequence (an exclusive prefix sum for the anticausal pass), ``dlast [N, H]`` added at the last token."""
     i_nh = tl.program_id(0)
     i_n, i_h = i_nh // H, i_nh % H
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
@@ -478,7 +478,7 @@ def _gate_grad_kernel(
         rows = bos + t
         x = tl.zeros([BT], dtype=tl.float32)
         for p in tl.static_range(NP):
-            x += tl.load(dG + p * TG + rows * H + i_h, mask=valid, other=0.0)
+            x += tl.load(dG + p * TG + i_h * (TG // H) + rows, mask=valid, other=0.0)
         if HAS_LAST:
             x += tl.where(t == Tn - 1, tl.load(dlast + i_nh), 0.0)
         if ANTI:
@@ -890,7 +890,7 @@ def _walk_forward(q, k, v, g, h0, chunks: _Chunks, scale: float, anticausal: boo
 
 
 def _walk_grads(q, k, v, g, h0, do, dht, chunks: _Chunks, scale: float, anticausal: bool, BT: int, store_dh0: bool):
-    """``_bwd_kernel``: dq, dk, dv, the slots of ``dL/dG`` per row (``dG [slots, rows, H]`` or None),
+    """``_bwd_kernel``: dq, dk, dv, the slots of ``dL/dG`` per row (``dG [slots, H, rows]`` or None),
     and dh0 (float32, if ``store_dh0``); dq walks forward, dk and dv backward, one launch per group
     of roles (``BWD_GROUPS_APART`` with a per-head gate and sequences x heads in ``BWD_APART``, else
     ``BWD_GROUPS_FUSED``)."""
@@ -906,7 +906,7 @@ def _walk_grads(q, k, v, g, h0, do, dht, chunks: _Chunks, scale: float, anticaus
     dq = torch.empty_like(q) if has_q else None
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     slots = (2 if has_q else 1) * NK
-    dG = torch.empty(slots, rows, H, dtype=torch.float32, device=k.device) if gate else None
+    dG = torch.empty(slots, H, rows, dtype=torch.float32, device=k.device) if gate else None
     cu = chunks.cu_seqlens
     apart = gate == 1 and BWD_APART[0] <= chunks.N * H <= BWD_APART[1]
     groups = BWD_GROUPS_APART if apart else BWD_GROUPS_FUSED
@@ -940,7 +940,7 @@ def _gate_grad(dG: Tensor, g: Tensor, dht, ht, chunks: _Chunks, anticausal: bool
     dg = torch.empty_like(g)
     dlast = (dht * ht).sum((-2, -1)) if dht is not None else None
     _gate_grad_kernel[(chunks.N * H,)](
-        dG, dlast, dg, chunks.cu_seqlens, chunks.T, dG.shape[1] * H, NP=dG.shape[0], H=H, BT=GATE_GRAD_BT,
+        dG, dlast, dg, chunks.cu_seqlens, chunks.T, dG[0].numel(), NP=dG.shape[0], H=H, BT=GATE_GRAD_BT,
         HAS_LAST=dlast is not None, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None,
     )
     return dg
