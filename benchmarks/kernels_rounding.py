@@ -7,7 +7,11 @@ its gradient where a product reads it), ``dA`` (the intra-chunk score gradients)
 (``k * exp(c_L - c)`` and ``q * exp(c)`` where they update the states). Prints the relative errors
 of dq, dk and dg against the unrounded replay (bf16 keeps 7 stored bits, tf32 10, a hi/lo pair 16).
 
-    python benchmarks/kernels_rounding.py [T]
+``--channel``: the chunk-parallel backward with a per-channel gate (``seqmix.kernels.gla_channel``),
+where ``dg`` is summed inside each chunk and the rest of its suffix is ``<dS', S'>`` from the stored
+states: the state reads (``S``) and the state passes' update factors (``kd`` / ``qd``) rounded.
+
+    python benchmarks/kernels_rounding.py [T] [--channel]
 """
 
 from __future__ import annotations
@@ -60,13 +64,52 @@ def backward(q, k, v, g, do, dht, bits: dict[str, int]) -> tuple[torch.Tensor, .
     return dq, dk, dG.flip(1).cumsum(1).flip(1)
 
 
+def channel_backward(q, k, v, g, do, bits: dict[str, int]) -> torch.Tensor:
+    """dg of the chunk-parallel per-channel backward: the states before each chunk and the gradients
+    of the states after it from the state passes, then per chunk ``<dS', S'>`` plus the suffix sum of
+    ``q * dq - k * dk`` inside the chunk (as ``_dqk_kernel``)."""
+    B, T, _ = q.shape
+    scale, chunks = K**-0.5, [slice(n * C, min(T, (n + 1) * C)) for n in range(math.ceil(T / C))]
+    S, dS, before, after = torch.zeros(B, K, V, dtype=q.dtype), torch.zeros(B, K, V, dtype=q.dtype), [], []
+    for t in chunks:
+        c = g[:, t].cumsum(1)
+        before.append(S)
+        kd = rounded(k[:, t] * torch.exp(c[:, -1:] - c), bits.get("kd"))
+        S = torch.exp(c[:, -1])[..., None] * S + torch.einsum("bik,biv->bkv", kd, v[:, t])
+    for t in reversed(chunks):
+        c = g[:, t].cumsum(1)
+        after.insert(0, dS)
+        qd = rounded(scale * q[:, t] * torch.exp(c), bits.get("qd"))
+        dS = torch.exp(c[:, -1])[..., None] * dS + torch.einsum("bik,biv->bkv", qd, do[:, t])
+    dg = torch.zeros_like(g)
+    for t, S, dS in zip(chunks, before, after):
+        c, L = g[:, t].cumsum(1), t.stop - t.start
+        dks = torch.einsum("bjv,bkv->bjk", v[:, t], rounded(dS, bits.get("S"))) * torch.exp(c[:, -1:] - c)
+        dqs = torch.einsum("biv,bkv->bik", do[:, t], rounded(S, bits.get("S"))) * torch.exp(c)
+        dA = torch.einsum("biv,bjv->bij", do[:, t], v[:, t]).tril()
+        D = torch.exp((c[:, :, None] - c[:, None, :]).clamp(max=0))  # [b, i, j, k], read where j <= i
+        dq = scale * (dqs + torch.einsum("bij,bjk,bijk->bik", dA, k[:, t], D))
+        dk = dks + scale * torch.einsum("bij,bik,bijk->bjk", dA, q[:, t], D)
+        carry = torch.exp(c[:, -1]) * (S * dS).sum(-1) + (k[:, t] * dks).sum(1)
+        dg[:, t] = carry[:, None] + (q[:, t] * dq - k[:, t] * dk).flip(1).cumsum(1).flip(1)
+    return dg
+
+
 def main() -> None:
-    T = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
+    T = int(next((a for a in sys.argv[1:] if a.isdigit()), 1000))
     torch.manual_seed(0)
     B = 2
     bf16 = lambda x: rounded(x, 7)  # noqa: E731  (inputs are bf16 values)
     q, v = bf16(torch.randn(B, T, K, dtype=torch.float64)), bf16(torch.randn(B, T, V, dtype=torch.float64))
     k = bf16(torch.randn(B, T, K, dtype=torch.float64) / K**0.5)
+    if "--channel" in sys.argv:
+        g = bf16(torch.nn.functional.logsigmoid(torch.randn(B, T, K, dtype=torch.float64) + 3))
+        do = torch.randn(B, T, V, dtype=torch.float64)
+        exact = channel_backward(q, k, v, g, do, {})
+        for bits in [dict(S=7), dict(kd=7, qd=7), dict(S=7, kd=7, qd=7), dict(S=16, kd=16, qd=16)]:
+            got = channel_backward(q, k, v, g, do, bits)
+            print(f"T={T} per channel, rounded bits {bits}: dg={((got - exact).norm() / exact.norm()).item():.1e}")
+        return
     g = bf16(torch.nn.functional.logsigmoid(torch.randn(B, T, dtype=torch.float64) + 3))
     do, dht = torch.randn(B, T, V, dtype=torch.float64), torch.randn(B, K, V, dtype=torch.float64)
     exact = backward(q, k, v, g, do, dht, {})

@@ -39,7 +39,6 @@ from seqmix.kernels.gla_chunk import (
     _chunk_of,
     _chunk_rows,
     _dot,
-    _dot_split,
     _gate,
     _keep,
     _pow2,
@@ -298,11 +297,11 @@ def _dqk_kernel(
         b_v = _load(v, row0, dr, valid, i_h, cv, H, V)
         b_S = _state(states, i_t, i_h, ck, cv, H, K, V)
         b_dS = _state(dstates, i_t, i_h, ck, cv, H, K, V)
-        b_dks += _dot_split(b_v, tl.trans(b_dS), False, True)
+        b_dks += _dot(b_v, tl.trans(b_dS).to(dt))
         b_SdS += tl.sum(b_S * b_dS, 1)
         if HAS_Q:
             b_do = _load(do, row0, dr, valid, i_h, cv, H, V)
-            b_dqs += _dot_split(b_do, tl.trans(b_S), False, True)
+            b_dqs += _dot(b_do, tl.trans(b_S).to(dt))
             b_dA += _dot(b_do, tl.trans(b_v))
     b_dks *= tl.exp(b_cl[None, :] - b_c)
     # <dS', S'> with S' = diag(exp(c_L)) S + (k * exp(c_L - c))^T v: exp(c_L) <S, dS'> + sum_j k_j * dk_j

@@ -333,7 +333,7 @@ def gated_linear_attention_triton(
         if q is None and g is None and cu_seqlens is None:  # no recurrence: a sum of outer products
             return None, state_sum(k, v, initial_state)
         # the causal patterns need the final state only when it is returned (the kernels then keep
-        # 16 bits of the forward's state updates); the noncausal ones read it
+        # 16 bits of the forward's state updates under a gate); the noncausal ones read it
         return chunk_gla(
             q, k, v, g, scale=scale, initial_state=initial_state,
             output_final_state=not anticausal and (output_final_state or not causal),
