@@ -63,7 +63,10 @@ OUT_BV, OUT_WARPS, OUT_STAGES = 128, 4, 1  # columns per output program
 # step of their reads of v, do and the states; at 8K, H100, 8924ddd: BK 32 15.4 ms fwd+bwd, BK = BV = 32
 # 17.0 (no spill on sm_90) against 12.94 with 64 / 64 (424 B spill)
 DQK_BK, DQK_WARPS, DQK_STAGES = 64, 8, 1
-DQK_BV = 64
+# columns per step of those reads, by input size: 16-bit 128 (H100, 189686f: 10.79 ms fwd+bwd at 8K
+# against 11.13 with 64, the state products single since then), float32 64 (spill on sm_90: 952 B per
+# thread, 2,328 B at 128)
+DQK_BV = {2: 128, 4: 64}
 DIAG_BK, DIAG_WARPS = 32, 4  # channels per step of the exact diagonal blocks of dq / dk (flagged chunks)
 DIAG_A_WARPS, DIAG_A_STAGES = 4, 2  # programs of the exact diagonal blocks of A (flagged chunks)
 DV_BV, DV_WARPS, DV_STAGES = 128, 4, 1  # columns per dv program
@@ -410,6 +413,7 @@ def backward(q, k, v, g, states, dstates, do, chunks, scale: float, anticausal: 
     V = v.shape[-1]
     BKF, BVF = _pow2(K), _pow2(V)
     BK, BV = min(BKF, DQK_BK), min(BVF, DV_BV)
+    BVQ = min(BVF, DQK_BV[k.element_size()])
     dq = torch.empty_like(q) if q is not None else None
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     # every row of a causal pass stores its gate's gradient; the anticausal pass never reads the first gate
@@ -422,12 +426,12 @@ def backward(q, k, v, g, states, dstates, do, chunks, scale: float, anticausal: 
         dqd, dkd = (torch.empty(B, T, H, K, dtype=torch.float32, device=k.device) for _ in range(2))
         _dqk_diag_kernel[(chunks.count, H)](
             q, k, v, g, do, flags, dqd, dkd, chunks.first, chunks.seq, chunks.cu_seqlens, chunks.T, H=H, K=K, V=V,
-            BT=BT, BK=min(BKF, DIAG_BK), BV=min(BVF, DQK_BV), SUB=SUB, ANTI=anticausal,
+            BT=BT, BK=min(BKF, DIAG_BK), BV=BVQ, SUB=SUB, ANTI=anticausal,
             IS_VARLEN=chunks.cu_seqlens is not None, num_warps=DIAG_WARPS, num_stages=1,
         )
     _dqk_kernel[(chunks.count * triton.cdiv(K, BK), H)](
         q, k, v, g, states, dstates, do, flags, dqd, dkd, dq, dk, dg, chunks.first, chunks.seq, chunks.cu_seqlens,
-        scale, chunks.T, BK=BK, BV=min(BVF, DQK_BV), SUB=SUB, num_warps=DQK_WARPS, num_stages=DQK_STAGES, **common,
+        scale, chunks.T, BK=BK, BV=BVQ, SUB=SUB, num_warps=DQK_WARPS, num_stages=DQK_STAGES, **common,
     )
     _dv_kernel[(chunks.count * triton.cdiv(V, BV), H)](
         k, g, A, dstates, do, dv, chunks.first, chunks.seq, chunks.cu_seqlens, scale, chunks.T,

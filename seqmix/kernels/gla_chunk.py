@@ -115,7 +115,7 @@ GATE_GRAD_BT = 2048  # rows per step of the gate gradient's suffix sum
 # chunks, so with few sequences x heads they are latency-bound), else the smallest
 STATE_TILES = ((64, 8), (32, 4))
 STATE_MIN_PROGRAMS = 512
-STATE_STAGES = 2
+STATE_STAGES = 3
 OUT_BV = 64  # columns per output program
 PAR_BK, PAR_BV = 64, 64  # state rows per dq / dk program, columns per dv program (and step of their loops)
 PAR_WARPS, PAR_STAGES = 8, 2
