@@ -9,9 +9,11 @@ of dq, dk and dg against the unrounded replay (bf16 keeps 7 stored bits, tf32 10
 
 ``--channel``: the chunk-parallel backward with a per-channel gate (``seqmix.kernels.gla_channel``),
 where ``dg`` is summed inside each chunk and the rest of its suffix is ``<dS', S'>`` from the stored
-states: the state reads (``S``) and the state passes' update factors (``kd`` / ``qd``) rounded.
+states: the state reads (``S``), the state where ``<dS', S'>`` reads it (``Sb``) and the state passes'
+update factors (``kd`` / ``qd``) rounded. ``--channel --head``: the same with one gate per head (a
+walk made chunk-local: the forward's states stored in bf16 for dq and ``<dS', S'>``).
 
-    python benchmarks/kernels_rounding.py [T] [--channel]
+    python benchmarks/kernels_rounding.py [T] [--channel [--head]]
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def channel_backward(q, k, v, g, do, bits: dict[str, int]) -> torch.Tensor:
         D = torch.exp((c[:, :, None] - c[:, None, :]).clamp(max=0))  # [b, i, j, k], read where j <= i
         dq = scale * (dqs + torch.einsum("bij,bjk,bijk->bik", dA, k[:, t], D))
         dk = dks + scale * torch.einsum("bij,bik,bijk->bjk", dA, q[:, t], D)
-        carry = torch.exp(c[:, -1]) * (S * dS).sum(-1) + (k[:, t] * dks).sum(1)
+        carry = torch.exp(c[:, -1]) * (rounded(S, bits.get("Sb")) * dS).sum(-1) + (k[:, t] * dks).sum(1)
         dg[:, t] = carry[:, None] + (q[:, t] * dq - k[:, t] * dk).flip(1).cumsum(1).flip(1)
     return dg
 
@@ -103,12 +105,15 @@ def main() -> None:
     q, v = bf16(torch.randn(B, T, K, dtype=torch.float64)), bf16(torch.randn(B, T, V, dtype=torch.float64))
     k = bf16(torch.randn(B, T, K, dtype=torch.float64) / K**0.5)
     if "--channel" in sys.argv:
-        g = bf16(torch.nn.functional.logsigmoid(torch.randn(B, T, K, dtype=torch.float64) + 3))
-        do = torch.randn(B, T, V, dtype=torch.float64)
-        exact = channel_backward(q, k, v, g, do, {})
-        for bits in [dict(S=7), dict(kd=7, qd=7), dict(S=7, kd=7, qd=7), dict(S=16, kd=16, qd=16)]:
-            got = channel_backward(q, k, v, g, do, bits)
-            print(f"T={T} per channel, rounded bits {bits}: dg={((got - exact).norm() / exact.norm()).item():.1e}")
+        head = "--head" in sys.argv
+        g = bf16(torch.nn.functional.logsigmoid(torch.randn(B, T, 1 if head else K, dtype=torch.float64) + 3))
+        g, do = g.expand(B, T, K).contiguous(), torch.randn(B, T, V, dtype=torch.float64)
+        total = (lambda x: x.sum(-1)) if head else (lambda x: x)  # noqa: E731  (a per-head gate: summed)
+        exact = total(channel_backward(q, k, v, g, do, {}))
+        for bits in [dict(S=7), dict(kd=7, qd=7), dict(S=7, Sb=7, kd=7, qd=7), dict(S=16, Sb=16, kd=16, qd=16)]:
+            got = total(channel_backward(q, k, v, g, do, bits))
+            kind = "per head" if head else "per channel"
+            print(f"T={T} {kind}, rounded bits {bits}: dg={((got - exact).norm() / exact.norm()).item():.1e}")
         return
     g = bf16(torch.nn.functional.logsigmoid(torch.randn(B, T, dtype=torch.float64) + 3))
     do, dht = torch.randn(B, T, V, dtype=torch.float64), torch.randn(B, K, V, dtype=torch.float64)
