@@ -190,7 +190,7 @@ SWEEP = {  # module constant of gla_chunk -> (values tried by --sweep, one at a 
     "BWD_BK": ((32,), 8192), "BWD_BV": ((32, 128), 8192), "BWD_WARPS": ((8,), 8192), "BWD_STAGES": ((1, 3), 8192),
     # the chunk-parallel form (chosen at T = 32768)
     "STATE_MIN_PROGRAMS": ((0, 2**31), 32768),
-    "STATE_STAGES": ((1, 3), 32768), "OUT_BV": ((32, 128), 32768), "PAR_BK": ((32,), 32768),
+    "STATE_STAGES": (({2: 1, 4: 1}, {2: 2, 4: 2}), 32768), "OUT_BV": ((32, 128), 32768), "PAR_BK": ((32,), 32768),
     "PAR_BV": ((32,), 32768), "PAR_WARPS": ((4,), 32768), "PAR_STAGES": ((1, 3), 32768),
     "SAVE_STATES": ((False,), 32768),
     # the walks per segment (32768: 32 sequences x heads, segmented by default)

@@ -115,7 +115,9 @@ GATE_GRAD_BT = 2048  # rows per step of the gate gradient's suffix sum
 # chunks, so with few sequences x heads they are latency-bound), else the smallest
 STATE_TILES = ((64, 8), (32, 4))
 STATE_MIN_PROGRAMS = 512
-STATE_STAGES = 3
+# software-pipeline stages of those passes by input size: 16-bit 3 (H100, 189686f: per channel 10.66
+# against 10.79 ms at 8K), float32 2 (3 would need 320 KB of shared memory at chunks of 128)
+STATE_STAGES = {2: 3, 4: 2}
 OUT_BV = 64  # columns per output program
 PAR_BK, PAR_BV = 64, 64  # state rows per dq / dk program, columns per dv program (and step of their loops)
 PAR_WARPS, PAR_STAGES = 8, 2
@@ -820,14 +822,15 @@ def _states(x, y, g, s0, chunks: _Chunks, dims: tuple[int, int, int], scale: flo
     only the inputs' dtype)."""
     H, K, V = dims
     BK, BV, warps = _state_block(chunks.N * H, K, V)
-    f32 = dict(dtype=torch.float32, device=(x if x is not None else y if y is not None else s0).device)
+    given = next(t for t in (x, y, s0) if t is not None)
+    f32 = dict(dtype=torch.float32, device=given.device)
     states = torch.empty(chunks.count, H, K, V, **f32) if store_states else None
     final = torch.empty(chunks.N, H, K, V, **f32)
     _states_kernel[(chunks.N * H * triton.cdiv(K, BK) * triton.cdiv(V, BV),)](
         x, y, g, s0, states, final, chunks.first, chunks.cu_seqlens, scale, chunks.T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=_gate_kind(g), HAS_X=x is not None, HAS_S0=s0 is not None,
         REVERSE=reverse, STORE_STATES=store_states, ANTI=anticausal, IS_VARLEN=chunks.cu_seqlens is not None,
-        KEEP=keep, num_warps=warps, num_stages=STATE_STAGES,
+        KEEP=keep, num_warps=warps, num_stages=STATE_STAGES[given.element_size()],
     )
     return states, final
 
