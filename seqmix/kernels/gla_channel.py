@@ -109,11 +109,11 @@ def _put(p, x, row0, dr, valid, i_h, cols, H: tl.constexpr, D: tl.constexpr):
 
 @triton.jit
 def _state(p, i_t, i_h, rows, cols, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
-    """Rows ``rows`` and columns ``cols`` of the float32 state ``p[i_t, i_h]`` of a ``[C, H, K, V]``
-    tensor (64-bit base, int32 offsets)."""
+    """Rows ``rows`` and columns ``cols`` of the state ``p[i_t, i_h]`` of a ``[C, H, K, V]`` tensor, as
+    float32 (64-bit base, int32 offsets)."""
     base = p + (i_t.to(tl.int64) * H + i_h) * (K * V)
     mask = (rows < K)[:, None] & (cols < V)[None, :]
-    return tl.load(base + (rows[:, None] * V + cols[None, :]), mask=mask, other=0.0)
+    return tl.load(base + (rows[:, None] * V + cols[None, :]), mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit

@@ -40,8 +40,8 @@ sub-chunks of 16 (:mod:`seqmix.kernels.gla_channel`). Two forms share these form
 - the chunk-parallel form, for per-channel gates and when sequences x heads are too few to fill
   the GPU (``TARGET_PROGRAMS``; causal walks with a gate per head or none take segments first):
   one pass per sequence walks only the inter-chunk recurrence and writes the state before every
-  chunk (float32, ``[chunks, H, K, V]``); then one program per chunk, head and block of columns
-  computes its outputs. The backward likewise: one reverse pass writes the
+  chunk (``[chunks, H, K, V]``, bf16 for bf16 inputs, else float32); then one program per chunk,
+  head and block of columns computes its outputs. The backward likewise: one reverse pass writes the
   gradient of the state after every chunk, then every chunk computes dq, dk, dv and dg at once.
 
 The gate's gradient follows from the cumulative gate ``G``: outputs depend on it through
@@ -121,9 +121,7 @@ STATE_STAGES = {2: 3, 4: 2}
 OUT_BV = 64  # columns per output program
 PAR_BK, PAR_BV = 64, 64  # state rows per dq / dk program, columns per dv program (and step of their loops)
 PAR_WARPS, PAR_STAGES = 8, 2
-# the chunk-parallel forward keeps its states (float32, as large as q, k, v and o together in bf16)
-# for the backward; False recomputes them there (one more state pass: ~1.6 GB of traffic per 1M
-# token-heads at D = 128)
+# the chunk-parallel forward keeps its states (bf16 for bf16 inputs, else float32) for the backward; False recomputes them there (one more state pass)
 SAVE_STATES = True
 
 
@@ -545,9 +543,9 @@ def _chunk_of(i_t, chunk_first, chunk_seq):
 
 @triton.jit
 def _state_tile(p, i_t, i_h, rows, cols, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
-    """Rows ``rows`` and columns ``cols`` of the float32 state ``p[i_t, i_h]`` of a ``[C, H, K, V]`` tensor."""
+    """Rows ``rows`` and columns ``cols`` of the state ``p[i_t, i_h]`` of a ``[C, H, K, V]`` tensor, as float32."""
     at = (i_t.to(tl.int64) * H + i_h) * K * V + rows[:, None] * V + cols[None, :]
-    return tl.load(p + at, mask=(rows < K)[:, None] & (cols < V)[None, :], other=0.0)
+    return tl.load(p + at, mask=(rows < K)[:, None] & (cols < V)[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -591,7 +589,7 @@ def _states_kernel(
         b_cl = tl.sum(b_g, 0)
         at = ((first + i_c) * H + i_h) * K * V + offs
         if STORE_STATES:
-            tl.store(states + at, b_S, mask=mask)
+            tl.store(states + at, b_S.to(states.dtype.element_ty), mask=mask)
         b_S = _decayed(b_S, b_cl, GATE)
         if HAS_X:
             if REVERSE:
@@ -816,16 +814,19 @@ def _state_block(sequence_heads: int, K: int, V: int) -> tuple[int, int, int]:
 
 def _states(x, y, g, s0, chunks: _Chunks, dims: tuple[int, int, int], scale: float, anticausal: bool, BT: int,
             reverse: bool = False, store_states: bool = True, keep: bool = False) -> tuple[Tensor | None, Tensor]:
-    """``_states_kernel`` over every sequence, float32: ``(states [C, H, K, V] or None, final [N, H, K, V])``;
+    """``_states_kernel`` over every sequence: ``(states [C, H, K, V] or None, final [N, H, K, V])``;
     the states before each chunk, or with ``reverse`` the gradients of the states after each chunk.
+    ``final`` is float32; ``states`` is bf16 for bf16 inputs (every chunk's products read them in bf16,
+    and its gate gradient sums inside the chunk: a float64 replay with them in bf16,
+    ``kernels_rounding.py --channel``, gives dg 1.1e-3), else float32 (fp16's range is too small).
     ``keep``: 16-bit updates (a final state returned to the caller; the chunks' own products need
     only the inputs' dtype)."""
     H, K, V = dims
     BK, BV, warps = _state_block(chunks.N * H, K, V)
     given = next(t for t in (x, y, s0) if t is not None)
-    f32 = dict(dtype=torch.float32, device=given.device)
-    states = torch.empty(chunks.count, H, K, V, **f32) if store_states else None
-    final = torch.empty(chunks.N, H, K, V, **f32)
+    stored = torch.bfloat16 if given.dtype == torch.bfloat16 else torch.float32  # fp16's range is too small
+    states = torch.empty(chunks.count, H, K, V, dtype=stored, device=given.device) if store_states else None
+    final = torch.empty(chunks.N, H, K, V, dtype=torch.float32, device=given.device)
     _states_kernel[(chunks.N * H * triton.cdiv(K, BK) * triton.cdiv(V, BV),)](
         x, y, g, s0, states, final, chunks.first, chunks.cu_seqlens, scale, chunks.T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=_gate_kind(g), HAS_X=x is not None, HAS_S0=s0 is not None,
