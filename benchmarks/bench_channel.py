@@ -12,7 +12,7 @@ together, then each of its kernels alone (the scores counted once, in the forwar
 from __future__ import annotations
 
 import argparse
-import json
+import ast
 import subprocess
 import sys
 import time
@@ -104,7 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192])
     parser.add_argument("--sweep", action="store_true", help="every configuration of SWEEP, one process each")
-    parser.add_argument("--config", default="{}", help="module constants to set, as JSON")
+    parser.add_argument("--config", default="{}", help="module constants to set, as a Python dict literal")
     parser.add_argument("--kernels", action="store_true", help="also each kernel alone")
     parser.add_argument("--budget", type=float, default=150.0, help="seconds after which the sweep stops")
     args = parser.parse_args()
@@ -114,13 +114,13 @@ def main() -> None:
             if time.perf_counter() - start > args.budget:
                 print("budget spent: sweep stopped", flush=True)
                 break
-            cmd = [sys.executable, __file__, "--config", json.dumps(cfg), "--kernels", "--lengths", *map(str, args.lengths)]
+            cmd = [sys.executable, __file__, "--config", repr(cfg), "--kernels", "--lengths", *map(str, args.lengths)]
             try:
                 subprocess.run(cmd, timeout=max(10.0, args.budget + 30 - (time.perf_counter() - start)))
             except subprocess.TimeoutExpired:
                 print(f"{cfg}: stopped by the budget", flush=True)
         return
-    cfg = json.loads(args.config)
+    cfg = ast.literal_eval(args.config)
     for n, val in cfg.items():
         assert hasattr(gla_channel, n), n
         setattr(gla_channel, n, val)
