@@ -43,6 +43,7 @@ from seqmix.kernels.gla_chunk import (
     _keep,
     _pow2,
     _sequence,
+    _state_tile,
     _store_gate_grad,
     _suffix,
 )
@@ -105,15 +106,6 @@ def _load(p, row0, dr, valid, i_h, cols, H: tl.constexpr, D: tl.constexpr):
 def _put(p, x, row0, dr, valid, i_h, cols, H: tl.constexpr, D: tl.constexpr):
     """Stores ``x`` in ``p``'s dtype where :func:`_load` reads."""
     tl.store(_at(p, row0, dr, i_h, cols, H, D), x.to(p.dtype.element_ty), mask=valid[:, None] & (cols < D)[None, :])
-
-
-@triton.jit
-def _state(p, i_t, i_h, rows, cols, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
-    """Rows ``rows`` and columns ``cols`` of the state ``p[i_t, i_h]`` of a ``[C, H, K, V]`` tensor, as
-    float32 (64-bit base, int32 offsets)."""
-    base = p + (i_t.to(tl.int64) * H + i_h) * (K * V)
-    mask = (rows < K)[:, None] & (cols < V)[None, :]
-    return tl.load(base + (rows[:, None] * V + cols[None, :]), mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -223,7 +215,7 @@ def _output_kernel(
         ck = i_k * KB + tl.arange(0, KB)
         b_q = _load(q, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
         b_c = tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI), 0)
-        b_S = _state(states, i_t, i_h, ck, cv, H, K, V).to(dt)
+        b_S = _state_tile(states, i_t, i_h, ck, cv, H, K, V).to(dt)
         b_o += _dot((b_q * tl.exp(b_c)).to(dt), b_S)
     _put(o, scale * b_o, row0, dr, valid, i_h, cv, H, V)
 
@@ -298,8 +290,8 @@ def _dqk_kernel(
     for i_v in range(tl.cdiv(V, BV)):
         cv = i_v * BV + tl.arange(0, BV)
         b_v = _load(v, row0, dr, valid, i_h, cv, H, V)
-        b_S = _state(states, i_t, i_h, ck, cv, H, K, V)
-        b_dS = _state(dstates, i_t, i_h, ck, cv, H, K, V)
+        b_S = _state_tile(states, i_t, i_h, ck, cv, H, K, V)
+        b_dS = _state_tile(dstates, i_t, i_h, ck, cv, H, K, V)
         b_dks += _dot(b_v, tl.trans(b_dS).to(dt))
         b_SdS += tl.sum(b_S * b_dS, 1)
         if HAS_Q:
@@ -360,7 +352,7 @@ def _dv_kernel(
         b_k = _load(k, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
         b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI)
         b_kd = b_k * tl.exp(tl.sum(b_g, 0)[None, :] - tl.cumsum(b_g, 0))
-        b_dv += _dot(b_kd.to(dt), _state(dstates, i_t, i_h, ck, cv, H, K, V).to(dt))
+        b_dv += _dot(b_kd.to(dt), _state_tile(dstates, i_t, i_h, ck, cv, H, K, V).to(dt))
     _put(dv, b_dv, row0, dr, valid, i_h, cv, H, V)
 
 

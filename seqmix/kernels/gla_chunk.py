@@ -121,7 +121,8 @@ STATE_STAGES = {2: 3, 4: 2}
 OUT_BV = 64  # columns per output program
 PAR_BK, PAR_BV = 64, 64  # state rows per dq / dk program, columns per dv program (and step of their loops)
 PAR_WARPS, PAR_STAGES = 8, 2
-# the chunk-parallel forward keeps its states (bf16 for bf16 inputs, else float32) for the backward; False recomputes them there (one more state pass)
+# the chunk-parallel forward keeps its states (bf16 for bf16 inputs, else float32) for the backward;
+# False recomputes them there (one more state pass)
 SAVE_STATES = True
 
 
@@ -543,9 +544,11 @@ def _chunk_of(i_t, chunk_first, chunk_seq):
 
 @triton.jit
 def _state_tile(p, i_t, i_h, rows, cols, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
-    """Rows ``rows`` and columns ``cols`` of the state ``p[i_t, i_h]`` of a ``[C, H, K, V]`` tensor, as float32."""
-    at = (i_t.to(tl.int64) * H + i_h) * K * V + rows[:, None] * V + cols[None, :]
-    return tl.load(p + at, mask=(rows < K)[:, None] & (cols < V)[None, :], other=0.0).to(tl.float32)
+    """Rows ``rows`` and columns ``cols`` of the state ``p[i_t, i_h]`` of a ``[C, H, K, V]`` tensor, as
+    float32 (64-bit base, int32 offsets)."""
+    base = p + (i_t.to(tl.int64) * H + i_h) * (K * V)
+    mask = (rows < K)[:, None] & (cols < V)[None, :]
+    return tl.load(base + (rows[:, None] * V + cols[None, :]), mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
