@@ -13,6 +13,10 @@ its end selected by masks::
 
     A += (q * exp(c - b_I) [rows of I]) (k * exp(b_I - c) [rows up to the end of I])^T    (then j <= i kept)
 
+The queries' factor ``exp(c - b_I)`` is the cumsum inside ``I``: one exponential per element for every
+sub-chunk at once; the keys' factor is one per sub-chunk, and ``b_I`` is read off a table of
+sub-chunk totals (:func:`_sub_chunks`) instead of the chunk's cumsum.
+
 Between sub-chunks every exponent is ``<= 0``. Inside ``I`` (the diagonal ``16 x 16`` blocks) the
 keys' exponents ``b_I - c_j`` are ``>= 0``, up to the sub-chunk's decay span ``max_k (b_I - c_end)``:
 the product is exact while that span is bounded (``SPAN_MAX``: ``e^40`` against the ``e^88`` of
@@ -131,12 +135,19 @@ def _diag_scores(q, k, g, bos, t, row0, dr, valid, Tn, i_h, H: tl.constexpr, K: 
 
 
 @triton.jit
-def _boundary(c, I, SUB: tl.constexpr, BT: tl.constexpr):
-    """Masks of the rows of sub-chunk ``I`` and of the rows up to its end, and the gate's cumsum at
-    its start ``b`` (``[len(c[0])]``, the cumsum ``c [BT, .]`` at row ``I * SUB - 1``, 0 for ``I = 0``)."""
-    r = tl.arange(0, BT)
-    b = tl.sum(tl.where((r == I * SUB - 1)[:, None], c, 0.0), 0)
-    return (r // SUB == I)[:, None], (r < (I + 1) * SUB)[:, None], b
+def _sub_chunks(b_g, BT: tl.constexpr, SUB: tl.constexpr):
+    """The chunk's log gates ``b_g [BT, BK]`` by sub-chunk: the cumsum inside each sub-chunk
+    ``cl [NS, SUB, BK]`` (``NS = BT / SUB``), each sub-chunk's total ``tot [NS, BK]`` and the chunk's
+    cumsum at its end ``e [NS, BK]``. The chunk's cumsum is ``c = e - tot + cl`` (row by row)."""
+    g3 = tl.reshape(b_g, [BT // SUB, SUB, b_g.shape[1]])
+    tot = tl.sum(g3, 1)
+    return tl.cumsum(g3, 1), tot, tl.cumsum(tot, 0)
+
+
+@triton.jit
+def _sub_start(e, tot, I):
+    """``b_I = e_I - tot_I [BK]``: the chunk's cumsum before sub-chunk ``I`` (:func:`_sub_chunks`)."""
+    return tl.sum(tl.where(tl.arange(0, tot.shape[0])[:, None] == I, e - tot, 0.0), 0)
 
 
 @triton.jit
@@ -146,29 +157,32 @@ def _scores_kernel(
     ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """``A [rows, H, BT]`` (A's dtype) of chunk ``i_t``, head ``i_h``: ``A [i, j]`` query ``i`` reading key
-    ``j`` of the chunk, one product per sub-chunk ``I`` referenced at its start ``b``: ``(q * exp(c - b))``
-    over the rows of ``I`` times ``(k * exp(b - c))`` over the rows up to its end (channels ``KB`` at a
-    time). The keys' exponents are clamped to ``span_max``; ``flags [i_t, i_h] = 1`` where that clamp
-    was reached (the diagonal blocks are then wrong, and :func:`_diag_kernel` writes them), else 0."""
+    ``j`` of the chunk, one product per sub-chunk ``I`` referenced at its start ``b_I``: ``(q * exp(c - b_I))``
+    over the rows of ``I`` times ``(k * exp(b_I - c))`` over the rows up to its end (channels ``KB`` at a
+    time; ``c - b_I`` is the cumsum inside ``I``, :func:`_sub_chunks`). The keys' exponents inside ``I``
+    are clamped to ``span_max``; ``flags [i_t, i_h] = 1`` where that clamp was reached (the diagonal blocks are then
+    wrong, and :func:`_diag_kernel` writes them), else 0."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
     dt = k.dtype.element_ty
+    NS: tl.constexpr = BT // SUB
     t, valid, row0, dr = _rows_of(i_c, bos, Tn, BT, ANTI)
+    sub = tl.arange(0, BT) // SUB
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
-    b_span = tl.zeros([KB], dtype=tl.float32)  # per channel, the largest exponent b_I - c_j, j in I
+    b_span = tl.zeros([KB], dtype=tl.float32)  # per channel, the largest sub-chunk decay span -tot
     for i_k in range(tl.cdiv(K, KB)):
         ck = i_k * KB + tl.arange(0, KB)
+        cl, tot, e = _sub_chunks(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI), BT, SUB)
+        b_span = tl.maximum(b_span, tl.max(-tot, 0))
+        b_c = tl.reshape(e[:, None, :] - tot[:, None, :] + cl, [BT, KB])
         b_q = _load(q, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
+        b_q = tl.reshape(tl.reshape(b_q, [NS, SUB, KB]) * tl.exp(cl), [BT, KB]).to(dt)  # q * exp(c - b_I)
         b_k = _load(k, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
-        b_c = tl.cumsum(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI), 0)
-        for I in tl.static_range(0, BT // SUB):
-            in_I, upto_I, b_I = _boundary(b_c, I, SUB, BT)
-            b_e = b_I[None, :] - b_c
-            b_span = tl.maximum(b_span, tl.max(tl.where(in_I, b_e, 0.0), 0))
-            b_qI = (b_q * tl.exp(tl.where(in_I, b_c - b_I[None, :], float("-inf")))).to(dt)
-            b_kI = (b_k * tl.exp(tl.where(upto_I, tl.minimum(b_e, span_max), float("-inf")))).to(dt)
-            b_A += _dot(b_qI, tl.trans(b_kI))
+        for I in tl.static_range(0, NS):
+            b_I = _sub_start(e, tot, I)
+            b_ek = tl.exp(tl.where((sub <= I)[:, None], tl.minimum(b_I[None, :] - b_c, span_max), float("-inf")))
+            b_A += _dot(tl.where((sub == I)[:, None], b_q, 0.0), tl.trans((b_k * b_ek).to(dt)))
     tl.store(flags + i_t * H + i_h, (tl.max(b_span, 0) > span_max).to(tl.int32))
     b_A = tl.where(_keep(BT, ANTI), b_A, 0.0)
     _put(A, b_A, row0, dr, valid, i_h, tl.arange(0, BT), H, BT)
@@ -278,10 +292,11 @@ def _dqk_kernel(
     ck = i_k * BK + tl.arange(0, BK)
     t, valid, row0, dr = _rows_of(i_c, bos, Tn, BT, ANTI)
     rows = bos + t  # the gate's gradient
+    NS: tl.constexpr = BT // SUB
     b_k = _load(k, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
-    b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI)
-    b_c = tl.cumsum(b_g, 0)
-    b_cl = tl.sum(b_g, 0)
+    cl, tot, e = _sub_chunks(_gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, 2, ANTI), BT, SUB)
+    b_c = tl.reshape(e[:, None, :] - tot[:, None, :] + cl, [BT, BK])
+    b_cl = tl.sum(tot, 0)
     # over columns BV at a time: the state parts dk_s = v dS'^T, dq_s = do S^T, <S, dS'> per row; dA = do v^T
     b_dks = tl.zeros([BT, BK], dtype=tl.float32)
     b_dqs = tl.zeros([BT, BK], dtype=tl.float32)
@@ -305,21 +320,23 @@ def _dqk_kernel(
     b_x = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     if HAS_Q:
-        flagged = tl.load(flags + i_t * H + i_h)
-        r = tl.arange(0, BT)
+        flag = tl.load(flags + i_t * H + i_h)  # flagged: the diagonal blocks come from dqd, dkd
+        sub = tl.arange(0, BT) // SUB
         b_q = _load(q, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
+        b_qe = tl.reshape(tl.reshape(b_q, [NS, SUB, BK]) * tl.exp(cl), [BT, BK]).to(dt)  # q * exp(c - b_I)
         b_dA = tl.where(_keep(BT, ANTI), b_dA, 0.0).to(dt)
-        diag = valid & (tl.zeros([BT], dtype=tl.int32) + flagged != 0)  # flagged: the diagonal blocks
-        b_dq = _load(dqd, row0, dr, diag, i_h, ck, H, K)
-        b_dk = _load(dkd, row0, dr, diag, i_h, ck, H, K)
-        for I in range(0, BT // SUB):  # a loop: unrolled, the compiler keeps every step's tiles (spill)
-            in_I, _, b_I = _boundary(b_c, I, SUB, BT)
-            keys = (r < (I + 1 - flagged) * SUB)[:, None]  # up to the end of I; flagged: before I
-            b_eq = tl.exp(tl.where(in_I, b_c - b_I[None, :], float("-inf")))
-            b_ek = tl.exp(tl.where(keys, b_I[None, :] - b_c, float("-inf")))
-            b_dq += b_eq * _dot(b_dA, (b_k * b_ek).to(dt))
-            b_dk += b_ek * _dot(tl.trans(b_dA), (b_q * b_eq).to(dt))
-        b_dq = scale * (b_dqs * tl.exp(b_c) + b_dq)
+        b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+        for I in range(0, NS):  # a loop: unrolled, the compiler keeps every step's tiles (spill)
+            b_I = _sub_start(e, tot, I)
+            keys = (sub < I) | ((sub == I) & (flag == 0))  # flagged: the keys before I
+            b_ek = tl.exp(tl.where(keys[:, None], b_I[None, :] - b_c, float("-inf")))
+            b_dq += tl.where((sub == I)[:, None], _dot(b_dA, (b_k * b_ek).to(dt)), 0.0)
+            b_dk += b_ek * _dot(tl.trans(b_dA), tl.where((sub == I)[:, None], b_qe, 0.0))
+        b_dq = tl.reshape(tl.reshape(b_dq, [NS, SUB, BK]) * tl.exp(cl), [BT, BK])
+        flagged = valid & (tl.zeros([BT], dtype=tl.int32) + flag != 0)
+        b_dq = scale * (b_dqs * tl.exp(b_c) + b_dq + _load(dqd, row0, dr, flagged, i_h, ck, H, K))
+        b_dk += _load(dkd, row0, dr, flagged, i_h, ck, H, K)
         _put(dq, b_dq, row0, dr, valid, i_h, ck, H, K)
         b_x = b_q * b_dq
     b_dk = b_dks + scale * b_dk
