@@ -112,9 +112,12 @@ GATE_GRAD_BT = 2048  # rows per step of the gate gradient's suffix sum
 # chunk-parallel kernels: 8 warps, as with 4 every one of them spills (sm_90, bf16, D = 128)
 # (state rows = columns, warps) per program of the inter-chunk passes: the largest tile of
 # STATE_TILES that still gives STATE_MIN_PROGRAMS programs (these passes are sequential over the
-# chunks, so with few sequences x heads they are latency-bound), else the smallest
-STATE_TILES = ((64, 8), (32, 4))
-STATE_MIN_PROGRAMS = 512
+# chunks, so with few sequences x heads they are latency-bound), else the smallest. H100, d94c93b,
+# per channel fwd+bwd at 2K / 8K / 32K: 8.56 / 8.61 / 9.16 ms against 9.21 / 9.27 / 10.45 with
+# ((64, 8), (32, 4)) and 512 (32K took 32 x 32 tiles, 512 programs); per head (chunk-parallel)
+# 5.33 / 5.30 / 6.20 against 5.45 / 5.58 / 6.10 (state_tiles_d94c93b.log)
+STATE_TILES = ((64, 4), (32, 4))
+STATE_MIN_PROGRAMS = 128
 # software-pipeline stages of those passes by input size: 16-bit 3 (H100, 189686f: per channel 10.66
 # against 10.79 ms at 8K), float32 2 (3 would need 320 KB of shared memory at chunks of 128)
 STATE_STAGES = {2: 3, 4: 2}
