@@ -50,8 +50,10 @@ gradients ``dU^out``, ``dU0`` and the reads' share of ``dk`` (rounded once more:
 with round-to-nearest bf16, dv and dbeta errors rise ~20 %, dk ~10 %) and ``dW``, ``dE`` (the
 GPU check at D = 128 unchanged by them: bf16 worst 6.2e-3); ``U0`` (in bf16 the gates'
 gradient error nearly doubles), ``gamma`` and ``T`` stay float32, and float32 inputs keep
-everything float32. Packed sequences
-(``chunk_offsets [N_seq + 1]``, ``B = 1``) occupy whole chunks: sequence ``i`` owns chunks
+everything float32. Products of two 16-bit tiles (``K K^T``, ``dW K^T``, ``dU0 V^T``, their row
+scalings taken after) are one 16-bit tensor-core pass, exact as the tf32 pass of the same values
+was; ``W``'s product takes its stored dtype; the rest take tf32 operands (float32 inputs: ``tf32x3``).
+Packed sequences (``chunk_offsets [N_seq + 1]``, ``B = 1``) occupy whole chunks: sequence ``i`` owns chunks
 ``[chunk_offsets[i], chunk_offsets[i + 1])``.
 """
 
@@ -277,6 +279,30 @@ def _mm(a, b, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _get_raw(at):
+    """Tile at ``(pointers, mask)`` in its stored dtype, zeros outside."""
+    return tl.load(at[0], mask=at[1], other=0.0)
+
+
+@triton.jit
+def _pair(a, b, PRECISE: tl.constexpr):
+    """``a b^T`` in float32 of tiles in the inputs' dtype (``b`` cast to ``a``'s): 16-bit products are
+    exact in one tensor-core pass (as tf32 ones of the same values were); float32 to float32
+    accuracy (``tf32x3``)."""
+    if PRECISE:
+        out = tl.dot(a, tl.trans(b).to(a.dtype), input_precision="tf32x3")
+    else:
+        out = tl.dot(a, tl.trans(b).to(a.dtype))
+    return out
+
+
+@triton.jit
+def _gram(k, PRECISE: tl.constexpr):
+    """``k k^T`` (:func:`_pair`)."""
+    return _pair(k, k, PRECISE)
+
+
+@triton.jit
 def _strict_decay(G, C: tl.constexpr):
     """``exp(G_i - G_j)`` for ``j < i``, else 0."""
     r = tl.arange(0, C)
@@ -340,17 +366,17 @@ def _solve_fwd_kernel(
     b_GC = tl.sum(b_g, 0)
     b_P = tl.zeros([C, C], dtype=tl.float32)
     for c0 in tl.static_range(0, BK, BD):
-        b_k = _get(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD))
-        b_P += _mm(b_k, tl.trans(b_k), PRECISE)
+        b_P += _gram(_get_raw(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD)), PRECISE)
     p_t = tinv + idx * (C * C)
     tl.store(p_t + rc[:, None] * C + rc[None, :], b_P * b_beta[:, None] * _strict_decay(b_G, C))
     tl.debug_barrier()
     _unit_lower_inverse(p_t, C)
     b_T = tl.load(p_t + rc[:, None] * C + rc[None, :])
     scale_w, to_end = b_beta * tl.exp(b_G), tl.exp(b_GC - b_G)
+    b_Tw = b_T.to(w.dtype.element_ty)  # W is stored in its dtype (the inputs'): its product's operands too
     for c0 in tl.static_range(0, BK, BD):
         b_k = _get(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD))
-        _put(_tile_at(w, idx, C, K, c0, BD), _mm(b_T, b_k * scale_w[:, None], PRECISE))
+        _put(_tile_at(w, idx, C, K, c0, BD), _dot(b_Tw, b_k * scale_w[:, None]))
         _put(_tile_at(e, idx, C, K, c0, BD), b_k * to_end[:, None])
     for c0 in tl.static_range(0, BV, BD):
         b_v = _get(_rows_at(v, i_b, i_c, S, i_h, H, V, C, c0, BD))
@@ -386,17 +412,21 @@ def _solve_bwd_kernel(
     k_drw = tl.zeros([C], dtype=tl.float32)
     k_de = tl.zeros([C], dtype=tl.float32)
     v_dru = tl.zeros([C], dtype=tl.float32)
+    # products of two tiles stored in the inputs' dtype take it (exact, as tf32 ones of the same
+    # values were); the row scalings of their right-hand sides come after, on dT's columns
     for c0 in range(0, BK, BD):
-        b_k = _get(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD))
-        b_dw = _get(_tile_at(dw, idx, C, K, c0, BD))
-        b_dT += _mm(b_dw, tl.trans(b_k * scale_w[:, None]), PRECISE)
-        b_P += _mm(b_k, tl.trans(b_k), PRECISE)
+        b_k = _get_raw(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD))
+        b_dw = _get_raw(_tile_at(dw, idx, C, K, c0, BD))
+        b_P += _gram(b_k, PRECISE)
+        b_dT += _pair(b_dw, b_k, PRECISE) * scale_w[None, :]
+        b_k, b_dw = b_k.to(tl.float32), b_dw.to(tl.float32)
         k_drw += tl.sum(b_k * _mm(b_Tt, b_dw, PRECISE), 1)
         k_de += tl.sum(b_k * _get(_tile_at(de, idx, C, K, c0, BD)), 1)
     for c0 in range(0, BV, BD):
-        b_v = _get(_rows_at(v, i_b, i_c, S, i_h, H, V, C, c0, BD))
-        b_du0 = _get(_tile_at(du0, idx, C, V, c0, BD))
-        b_dT += _mm(b_du0, tl.trans(b_v * b_beta[:, None]), PRECISE)
+        b_v = _get_raw(_rows_at(v, i_b, i_c, S, i_h, H, V, C, c0, BD))
+        b_du0 = _get_raw(_tile_at(du0, idx, C, V, c0, BD))
+        b_dT += _pair(b_du0, b_v, PRECISE) * b_beta[None, :]
+        b_v, b_du0 = b_v.to(tl.float32), b_du0.to(tl.float32)
         b_dru = _mm(b_Tt, b_du0, PRECISE)
         v_dru += tl.sum(b_v * b_dru, 1)
         _put(_rows_at(dv, i_b, i_c, S, i_h, H, V, C, c0, BD), b_dru * b_beta[:, None])
