@@ -329,10 +329,10 @@ def _diagonal_inverses(p, C: tl.constexpr):
 
 
 @triton.jit
-def _unit_lower_inverse(p, C: tl.constexpr):
+def _unit_lower_inverse(p, C: tl.constexpr, PRECISE: tl.constexpr):
     """``T = (I + A)^{-1}`` in place of the strictly lower ``A [C, C]`` at ``p`` (row-major, zero
     upper part): the diagonal blocks' inverses (:func:`_diagonal_inverses`), then block row by block
-    row ``T_i,:i = -T_ii (A_i,:i T_:i,:i)`` with tensor-core products to float32 accuracy (``tf32x3``)."""
+    row ``T_i,:i = -T_ii (A_i,:i T_:i,:i)`` with tensor-core products (:func:`_mm`)."""
     _diagonal_inverses(p, C)
     r, rc = tl.arange(0, 16), tl.arange(0, C)
     for i in tl.static_range(1, C // 16):
@@ -342,7 +342,7 @@ def _unit_lower_inverse(p, C: tl.constexpr):
         a_i = tl.load(p + rows[:, None] * C + rc[None, :], mask=left[None, :], other=0.0)  # [16, C]
         t_above = tl.load(p + rc[:, None] * C + rc[None, :], mask=left[:, None], other=0.0)  # [C, C]
         t_ii = tl.load(p + rows[:, None] * C + (i * 16 + r)[None, :])
-        t_i = -_mm(t_ii, _mm(a_i, t_above, True), True)
+        t_i = -_mm(t_ii, _mm(a_i, t_above, PRECISE), PRECISE)
         tl.store(p + rows[:, None] * C + rc[None, :], t_i, mask=left[None, :])
     tl.debug_barrier()
 
@@ -370,7 +370,7 @@ def _solve_fwd_kernel(
     p_t = tinv + idx * (C * C)
     tl.store(p_t + rc[:, None] * C + rc[None, :], b_P * b_beta[:, None] * _strict_decay(b_G, C))
     tl.debug_barrier()
-    _unit_lower_inverse(p_t, C)
+    _unit_lower_inverse(p_t, C, PRECISE)
     b_T = tl.load(p_t + rc[:, None] * C + rc[None, :])
     scale_w, to_end = b_beta * tl.exp(b_G), tl.exp(b_GC - b_G)
     b_Tw = b_T.to(w.dtype.element_ty)  # W is stored in its dtype (the inputs'): its product's operands too
