@@ -406,7 +406,8 @@ def _solve_bwd_kernel(
     b_G = tl.cumsum(b_g, 0)
     b_GC = tl.sum(b_g, 0)
     scale_w, to_end = b_beta * tl.exp(b_G), tl.exp(b_GC - b_G)
-    b_Tt = tl.trans(_load(tinv, idx, C, C, rc, rc))
+    # T^T in dW's dtype (the inputs') for the products with dW and dU0; in float32 for dA (read again there)
+    b_Tl = tl.trans(_load(tinv, idx, C, C, rc, rc)).to(dw.dtype.element_ty)
     b_dT = tl.zeros([C, C], dtype=tl.float32)
     b_P = tl.zeros([C, C], dtype=tl.float32)
     k_drw = tl.zeros([C], dtype=tl.float32)
@@ -419,17 +420,16 @@ def _solve_bwd_kernel(
         b_dw = _get_raw(_tile_at(dw, idx, C, K, c0, BD))
         b_P += _gram(b_k, PRECISE)
         b_dT += _pair(b_dw, b_k, PRECISE) * scale_w[None, :]
-        b_k, b_dw = b_k.to(tl.float32), b_dw.to(tl.float32)
-        k_drw += tl.sum(b_k * _mm(b_Tt, b_dw, PRECISE), 1)
-        k_de += tl.sum(b_k * _get(_tile_at(de, idx, C, K, c0, BD)), 1)
+        k_drw += tl.sum(b_k.to(tl.float32) * _dot(b_Tl, b_dw), 1)
+        k_de += tl.sum(b_k.to(tl.float32) * _get(_tile_at(de, idx, C, K, c0, BD)), 1)
     for c0 in range(0, BV, BD):
         b_v = _get_raw(_rows_at(v, i_b, i_c, S, i_h, H, V, C, c0, BD))
         b_du0 = _get_raw(_tile_at(du0, idx, C, V, c0, BD))
         b_dT += _pair(b_du0, b_v, PRECISE) * b_beta[None, :]
-        b_v, b_du0 = b_v.to(tl.float32), b_du0.to(tl.float32)
-        b_dru = _mm(b_Tt, b_du0, PRECISE)
-        v_dru += tl.sum(b_v * b_dru, 1)
+        b_dru = _dot(b_Tl, b_du0)
+        v_dru += tl.sum(b_v.to(tl.float32) * b_dru, 1)
         _put(_rows_at(dv, i_b, i_c, S, i_h, H, V, C, c0, BD), b_dru * b_beta[:, None])
+    b_Tt = tl.trans(_load(tinv, idx, C, C, rc, rc))
     b_dA = -_mm(_mm(b_Tt, b_dT, PRECISE), b_Tt, PRECISE)
     decay = _strict_decay(b_G, C)  # zero on and above the diagonal: masks dA to the strictly lower part
     b_dP = b_dA * b_beta[:, None] * decay
@@ -445,7 +445,7 @@ def _solve_bwd_kernel(
     b_dPs = b_dP + tl.trans(b_dP)
     for c0 in range(0, BK, BD):
         b_dk = _mm(b_dPs, _get(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD)), PRECISE)
-        b_dk += _mm(b_Tt, _get(_tile_at(dw, idx, C, K, c0, BD)), PRECISE) * scale_w[:, None]
+        b_dk += _dot(b_Tl, _get_raw(_tile_at(dw, idx, C, K, c0, BD))) * scale_w[:, None]
         b_dk += _get(_tile_at(de, idx, C, K, c0, BD)) * to_end[:, None]
         if HAS_DK_IN:
             b_dk += _get(_rows_at(dk_in, i_b, i_c, S, i_h, H, K, C, c0, BD))
