@@ -502,7 +502,6 @@ def _read_bwd_kernel(
     b_G = tl.cumsum(b_g, 0)
     decay = _causal_decay(b_G, C)
     b_attn = _dot(_as(b_q, LOW), tl.trans(b_k)) * decay
-    b_qd = b_q * tl.exp(b_G)[:, None]
     b_dqd = tl.zeros([C, BK], dtype=tl.float32)
     b_dattn = tl.zeros([C, C], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
