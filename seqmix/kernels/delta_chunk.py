@@ -67,7 +67,13 @@ from torch import Tensor
 # Launch shapes: state columns per program (halved for key dims above 128), warps, pipeline stages.
 FWD_BV, BWD_BV = 64, 64  # BWD_BV 64: 1.53 ms against 1.86 at 32 (sweep_launch_delta_5ebb97a.log); 32: see _columns
 NUM_WARPS = 4
+# pipeline stages of the walks (forward, backward); with fewer walks than SMs (long sequences),
+# by the products' operand size: 16-bit (3, 2) (H100, bf16, 5eaedab, fwd+bwd at 32K 9.48 -> 9.26
+# with the forward's alone, 9.02 with the backward's, at 8K 7.41 -> 7.38 / 7.52:
+# delta_configs_5eaedab.log), float32 as the others (unmeasured: 3 stages take 224 KB of shared
+# memory and spill)
 FWD_STAGES, BWD_STAGES = 2, 1
+FEW_WALK_STAGES = {2: (3, 2), 4: (2, 1)}
 GRAD_BK, GRAD_BV, GRAD_WARPS, GRAD_STAGES = 64, 64, 4, 2  # dW, dE, dgamma: key columns per program, state columns at a time
 # within chunks: key and value columns at a time of the forward (SOLVE_BD); the backward took 2.9 ms at 4 warps and 1 stage,
 # 3.9 at 8 and 3 (H100, T = 8K, sweep_solve_delta_257c64c.log)
@@ -541,6 +547,13 @@ def _columns(BK: int, BV: int) -> int:
     return max(BV, min(BK, 64))
 
 
+def _walk_stages(walks: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """Pipeline stages of the forward and backward walks: ``FEW_WALK_STAGES`` when ``walks``
+    programs leave SMs idle, else ``FWD_STAGES, BWD_STAGES``."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+    return FEW_WALK_STAGES[_mid_dtype(dtype).itemsize] if walks < sms else (FWD_STAGES, BWD_STAGES)
+
+
 def _mid_dtype(dtype: torch.dtype) -> torch.dtype:
     """Storage dtype of the intermediates but ``U0``, ``gamma`` and ``T`` (module docstring): the
     products' operand dtype (float32 for float32 inputs)."""
@@ -574,7 +587,7 @@ class ScanFunction(torch.autograd.Function):
         _fwd_kernel[(triton.cdiv(V, BV), n_seq * H)](
             w, u0, e, gamma, h0, states, u, ht, chunk_offsets, N,
             H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, IS_VARLEN=chunk_offsets is not None,
-            num_warps=NUM_WARPS, num_stages=FWD_STAGES,
+            num_warps=NUM_WARPS, num_stages=_walk_stages(triton.cdiv(V, BV) * n_seq * H, dtype, dev)[0],
         )
         del u0
         # the queries' reads
@@ -622,7 +635,7 @@ class ScanFunction(torch.autograd.Function):
             w, e, gamma, q, g, do, du, dht, du0, dnext, dh0, chunk_offsets, ctx.scale, S, N,
             H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, HAS_DO=do is not None, HAS_DU=du is not None,
             HAS_DHT=dht is not None, IS_VARLEN=chunk_offsets is not None, num_warps=NUM_WARPS,
-            num_stages=BWD_STAGES,
+            num_stages=_walk_stages(triton.cdiv(V, BV) * n_seq * H, ctx.dtype, dev)[1],
         )
         del du
         # dW, dE, dgamma of every chunk, then within chunks, adding the reads' share of dk
