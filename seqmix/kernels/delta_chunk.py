@@ -78,9 +78,11 @@ GRAD_BK, GRAD_BV, GRAD_WARPS, GRAD_STAGES = 64, 64, 4, 2  # dW, dE, dgamma: key 
 # within chunks: key and value columns at a time of the forward (SOLVE_BD); the backward took 2.9 ms at 4 warps and 1 stage,
 # 3.9 at 8 and 3 (H100, T = 8K, sweep_solve_delta_257c64c.log)
 SOLVE_FWD_WARPS, SOLVE_FWD_STAGES, SOLVE_BWD_WARPS, SOLVE_BWD_STAGES, SOLVE_BD = 4, 3, 4, 2, 64
-# the backward's columns at a time and stages: 2.38 ms against 2.48 at 64 columns, 2.31 at 2 stages against 2.38 at 1
-# (H100, T = 8K, delta4 sweeps)
-SOLVE_BWD_BD = 32
+# the backward's columns at a time, by the products' operand size, and stages: 16-bit 64 since its
+# products of 16-bit tiles are 16-bit (H100, 2e8e74a, fwd+bwd 7.41 -> 7.10 ms at 8K, 8.76 -> 8.44 at
+# 32K: delta_configs_2e8e74a.log; 2.38 ms against 2.48 before, delta4 sweeps), float32 32 (64 spills
+# 1.3 KB on sm_90); 2.31 ms at 2 stages against 2.38 at 1 (H100, T = 8K, delta4 sweeps)
+SOLVE_BWD_BD = {2: 64, 4: 32}
 READ_FWD_BV, READ_FWD_WARPS = 128, 4  # 0.88 ms against 0.99 at 64 (same sweep)
 READ_BWD_BV, READ_BWD_WARPS = 64, 8  # 2.12 ms against 2.20 at 32; float32: 32 (64 needs 288 KB of shared memory)
 _LOW = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' LOW: products' operand dtype
@@ -649,7 +651,7 @@ class ScanFunction(torch.autograd.Function):
         dk, dv, dbeta = (torch.empty_like(t) for t in (k, v, beta))
         dg = torch.empty_like(g, **f32) if dg_read is not None else torch.empty_like(g)
         _solve_bwd_kernel[(N, B * H)](k, v, beta, g, tinv, dw, de, dgamma, du0, dk_read, dk, dv, dbeta, dg, S, N,
-                                      H=H, K=K, V=V, C=C, BK=BK, BV=BVs, BD=min(BK, BVs, SOLVE_BWD_BD),
+                                      H=H, K=K, V=V, C=C, BK=BK, BV=BVs, BD=min(BK, BVs, SOLVE_BWD_BD[mid.itemsize]),
                                       NKB=dgamma.shape[-1], PRECISE=precise, HAS_DK_IN=dk_read is not None,
                                       num_warps=SOLVE_BWD_WARPS, num_stages=SOLVE_BWD_STAGES)
         if dg_read is not None:
