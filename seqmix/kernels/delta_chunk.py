@@ -52,7 +52,9 @@ GPU check at D = 128 unchanged by them: bf16 worst 6.2e-3); ``U0`` (in bf16 the 
 gradient error nearly doubles), ``gamma`` and ``T`` stay float32, and float32 inputs keep
 everything float32. Products of two 16-bit tiles (``K K^T``, ``dW K^T``, ``dU0 V^T``, their row
 scalings taken after) are one 16-bit tensor-core pass, exact as the tf32 pass of the same values
-was; ``W``'s product takes its stored dtype; the rest take tf32 operands (float32 inputs: ``tf32x3``).
+was; ``W``'s product and the backward's products of ``T^T`` with ``dW`` and ``dU0`` take that
+dtype for ``T`` too (``W`` and the gradients are stored in it); the rest, the inverse's block rows
+included, take tf32 operands (float32 inputs: ``tf32x3`` throughout).
 Packed sequences (``chunk_offsets [N_seq + 1]``, ``B = 1``) occupy whole chunks: sequence ``i`` owns chunks
 ``[chunk_offsets[i], chunk_offsets[i + 1])``.
 """

@@ -157,11 +157,11 @@ def _scores_kernel(
     ANTI: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """``A [rows, H, BT]`` (A's dtype) of chunk ``i_t``, head ``i_h``: ``A [i, j]`` query ``i`` reading key
-    ``j`` of the chunk, one product per sub-chunk ``I`` referenced at its start ``b_I``: ``(q * exp(c - b_I))``
-    over the rows of ``I`` times ``(k * exp(b_I - c))`` over the rows up to its end (channels ``KB`` at a
-    time; ``c - b_I`` is the cumsum inside ``I``, :func:`_sub_chunks`). The keys' exponents inside ``I``
-    are clamped to ``span_max``; ``flags [i_t, i_h] = 1`` where that clamp was reached (the diagonal blocks are then
-    wrong, and :func:`_diag_kernel` writes them), else 0."""
+    ``j`` of the chunk, one product per sub-chunk ``I`` referenced at its start ``b_I``:
+    ``(q * exp(c - b_I))`` over the rows of ``I`` times ``(k * exp(b_I - c))`` over the rows up to its
+    end (channels ``KB`` at a time; ``c - b_I`` is the cumsum inside ``I``, :func:`_sub_chunks`). The
+    keys' exponents inside ``I`` are clamped to ``span_max``; ``flags [i_t, i_h] = 1`` where that clamp
+    was reached (the diagonal blocks are then wrong, and :func:`_diag_kernel` writes them), else 0."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_c = _chunk_of(i_t, chunk_first, chunk_seq)
     bos, Tn = _sequence(i_n, cu_seqlens, T, IS_VARLEN)
