@@ -145,6 +145,12 @@ def _sub_chunks(b_g, BT: tl.constexpr, SUB: tl.constexpr):
 
 
 @triton.jit
+def _by_rows(x, f):
+    """``x [BT, BK]`` times ``f [NS, SUB, BK]`` (row ``I * SUB + i`` by ``f[I, i]``), ``[BT, BK]``."""
+    return tl.reshape(tl.reshape(x, f.shape) * f, x.shape)
+
+
+@triton.jit
 def _sub_start(e, tot, I):
     """``b_I = e_I - tot_I [BK]``: the chunk's cumsum before sub-chunk ``I`` (:func:`_sub_chunks`)."""
     return tl.sum(tl.where(tl.arange(0, tot.shape[0])[:, None] == I, e - tot, 0.0), 0)
@@ -177,7 +183,7 @@ def _scores_kernel(
         b_span = tl.maximum(b_span, tl.max(-tot, 0))
         b_c = tl.reshape(e[:, None, :] - tot[:, None, :] + cl, [BT, KB])
         b_q = _load(q, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
-        b_q = tl.reshape(tl.reshape(b_q, [NS, SUB, KB]) * tl.exp(cl), [BT, KB]).to(dt)  # q * exp(c - b_I)
+        b_q = _by_rows(b_q, tl.exp(cl)).to(dt)  # q * exp(c - b_I)
         b_k = _load(k, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
         for I in tl.static_range(0, NS):
             b_I = _sub_start(e, tot, I)
@@ -323,7 +329,7 @@ def _dqk_kernel(
         flag = tl.load(flags + i_t * H + i_h)  # flagged: the diagonal blocks come from dqd, dkd
         sub = tl.arange(0, BT) // SUB
         b_q = _load(q, row0, dr, valid, i_h, ck, H, K).to(tl.float32)
-        b_qe = tl.reshape(tl.reshape(b_q, [NS, SUB, BK]) * tl.exp(cl), [BT, BK]).to(dt)  # q * exp(c - b_I)
+        b_qe = _by_rows(b_q, tl.exp(cl)).to(dt)  # q * exp(c - b_I)
         b_dA = tl.where(_keep(BT, ANTI), b_dA, 0.0).to(dt)
         b_dq = tl.zeros([BT, BK], dtype=tl.float32)
         b_dk = tl.zeros([BT, BK], dtype=tl.float32)
@@ -333,7 +339,7 @@ def _dqk_kernel(
             b_ek = tl.exp(tl.where(keys[:, None], b_I[None, :] - b_c, float("-inf")))
             b_dq += tl.where((sub == I)[:, None], _dot(b_dA, (b_k * b_ek).to(dt)), 0.0)
             b_dk += b_ek * _dot(tl.trans(b_dA), tl.where((sub == I)[:, None], b_qe, 0.0))
-        b_dq = tl.reshape(tl.reshape(b_dq, [NS, SUB, BK]) * tl.exp(cl), [BT, BK])
+        b_dq = _by_rows(b_dq, tl.exp(cl))
         flagged = valid & (tl.zeros([BT], dtype=tl.int32) + flag != 0)
         b_dq = scale * (b_dqs * tl.exp(b_c) + b_dq + _load(dqd, row0, dr, flagged, i_h, ck, H, K))
         b_dk += _load(dkd, row0, dr, flagged, i_h, ck, H, K)
