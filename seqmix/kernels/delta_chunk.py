@@ -1,16 +1,16 @@
 """The chunked (gated) delta rule in Triton: each chunk's WY/UT parts, the recurrence across
 chunks and the queries' reads, forward and backward (the math of :func:`seqmix.ops.delta._chunked_scan`).
 
-Within chunks (``_solve_fwd_kernel``, one program per chunk and head). Chunk ``n`` of ``C`` tokens
+Within chunks (``_inverse_kernel``, then ``_solve_fwd_kernel``; one program per chunk and head). Chunk ``n`` of ``C`` tokens
 has keys ``K [C, K]``, values ``V [C, V]``, writing strengths ``beta``, log gates ``g`` and their
 cumsum ``G`` inside the chunk (``G_C`` its total)::
 
     A   = strictly_lower(diag(beta) (K K^T) * exp(G_i - G_j)),    T = (I + A)^{-1}
     W   = T diag(beta exp(G)) K,    U0 = T diag(beta) V,    E = diag(exp(G_C - G)) K,    gamma = exp(G_C)
 
-``T`` is inverted blockwise: forward substitution over the rows of each diagonal ``16 x 16``
-block, then the blocks below by ``T_i,:i = -T_ii (A_i,:i T_:i,:i)`` (tensor-core products); it is
-kept for the backward, which with ``X = W`` or ``U0`` and ``R`` its right-hand side uses
+``T`` is inverted in ``16 x 16`` blocks held in registers: forward substitution over the rows of
+each diagonal block, then the blocks below by ``T_ij = -T_ii sum_l A_il T_lj`` (tensor-core
+products); it is kept for the backward, which with ``X = W`` or ``U0`` and ``R`` its right-hand side uses
 ``dR = T^T dX``, ``dT = sum_X dX R^T`` and ``dA = -strictly_lower(T^T dT T^T)``, then the products'
 rules down to ``dk, dv, dbeta`` and ``dG``, whose suffix sum within the chunk is ``dg``.
 
@@ -42,19 +42,18 @@ The queries' reads (``_read_fwd_kernel``, one program per chunk and head), with
     dS_n^out = Qd^T dO,  dU_n^out = Attn^T dO,  dQd = dO S_n^T,  dAttn = dO U_n^T
 
 Layout: inputs ``[B, S, H, D]`` as the ops; chunk-major ``[B, H, N, C, D]`` (contiguous) for
-``W, U0, E``, ``gamma [B, H, N]``, states ``[B, H, N, K, V]``. The three parts run under one autograd
+``W, U0, E``, ``T [B, H, N, C, C]``, ``gamma [B, H, N]``, states ``[B, H, N, K, V]``. The three parts run under one autograd
 node (:func:`scan_chunks`), so the intermediates never meet autograd: for bfloat16 / float16
-inputs ``W, E``, the entering states, ``U`` and the leaving states' gradients (read only as
+inputs ``T, W, U0, E``, the entering states, ``U`` and the leaving states' gradients (read only as
 products' operands, cast to the inputs' dtype there) are stored in that dtype, and so are the
 gradients ``dU^out``, ``dU0`` and the reads' share of ``dk`` (rounded once more: in a CPU replay
 with round-to-nearest bf16, dv and dbeta errors rise ~20 %, dk ~10 %) and ``dW``, ``dE`` (the
-GPU check at D = 128 unchanged by them: bf16 worst 6.2e-3); ``U0`` (in bf16 the gates'
-gradient error nearly doubles), ``gamma`` and ``T`` stay float32, and float32 inputs keep
+GPU check at D = 128 unchanged by them: bf16 worst 6.2e-3; ``T`` and ``U0`` in bf16 took the
+gates' gradient from 3.4e-3 to 4.0e-3 at worst); ``gamma`` stays float32, and float32 inputs keep
 everything float32. Products of two 16-bit tiles (``K K^T``, ``dW K^T``, ``dU0 V^T``, their row
 scalings taken after) are one 16-bit tensor-core pass, exact as the tf32 pass of the same values
-was; ``W``'s product and the backward's products of ``T^T`` with ``dW`` and ``dU0`` take that
-dtype for ``T`` too (``W`` and the gradients are stored in it); the rest, the inverse's block rows
-included, take tf32 operands (float32 inputs: ``tf32x3`` throughout).
+was; so are ``W``'s product and the backward's products of ``T^T`` with ``dW`` and ``dU0``; the
+rest, the inverse's block rows included, take tf32 operands (float32 inputs: ``tf32x3`` throughout).
 Packed sequences (``chunk_offsets [N_seq + 1]``, ``B = 1``) occupy whole chunks: sequence ``i`` owns chunks
 ``[chunk_offsets[i], chunk_offsets[i + 1])``.
 """
@@ -85,6 +84,10 @@ SOLVE_FWD_WARPS, SOLVE_FWD_STAGES, SOLVE_BWD_WARPS, SOLVE_BWD_STAGES, SOLVE_BD =
 # 32K: delta_configs_2e8e74a.log; 2.38 ms against 2.48 before, delta4 sweeps), float32 32 (64 spills
 # 1.3 KB on sm_90); 2.31 ms at 2 stages against 2.38 at 1 (H100, T = 8K, delta4 sweeps)
 SOLVE_BWD_BD = {2: 64, 4: 32}
+# the inverse (_inverse_kernel): key columns at a time, warps, stages. One warp keeps its row
+# sums within the warp: the forward 2.44 ms at 8K against 2.69 with 2 warps, 3.23 with 4 (H100,
+# bf16, delta_inverse_registers.log)
+INVERSE_BD, INVERSE_WARPS, INVERSE_STAGES = 64, 1, 3
 READ_FWD_BV, READ_FWD_WARPS = 128, 4  # 0.88 ms against 0.99 at 64 (same sweep)
 READ_BWD_BV, READ_BWD_WARPS = 64, 8  # 2.12 ms against 2.20 at 32; float32: 32 (64 needs 288 KB of shared memory)
 _LOW = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' LOW: products' operand dtype
@@ -320,52 +323,143 @@ def _strict_decay(G, C: tl.constexpr):
 
 
 @triton.jit
-def _diagonal_inverses(p, C: tl.constexpr):
-    """Inverts the ``C // 16`` diagonal ``16 x 16`` blocks of ``I + A`` in place, ``A`` the strictly
-    lower ``[C, C]`` row-major at ``p``: per block, forward substitution over its rows
-    ``N_i = -a_i - sum_{j < i} a_ij N_j`` (``a_i`` row ``i`` of the block, read from memory), the
-    inverse ``I + N``. All blocks at once in registers, each transposed (``Nt [C // 16, 16, 16]``,
-    ``Nt[b, c, j] = N_b[j, c]``) so that the sum over ``j`` runs along the last axis, within warps."""
-    NB: tl.constexpr = C // 16
-    r = tl.arange(0, 16)
-    corner = tl.arange(0, NB) * (16 * C + 16)  # offset of each diagonal block
-    Nt = tl.zeros([NB, 16, 16], dtype=tl.float32)
-    for i in range(1, 16):
-        a = -tl.load(p + corner[:, None] + i * C + r[None, :])  # [NB, 16], zero from column i on
-        n = a + tl.sum(Nt * a[:, None, :], 2)
-        Nt = tl.where((r == i)[None, None, :], n[:, :, None], Nt)
-    eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
-    tl.store(p + corner[:, None, None] + r[None, None, :] * C + r[None, :, None], Nt + eye[None, :, :])
+def _sub_gate(p, i_b, i_c, s, S, i_h, H: tl.constexpr, C: tl.constexpr):
+    """Rows ``[16 s, 16 s + 16)`` of chunk ``i_c`` of a ``[B, S, H]`` tensor: ``[16]`` float32, zeros past ``S``."""
+    t = i_c * C + s * 16 + tl.arange(0, 16)
+    return tl.load(p + (i_b.to(tl.int64) * S + t) * H + i_h, mask=t < S, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _unit_lower_inverse(p, C: tl.constexpr, PRECISE: tl.constexpr):
-    """``T = (I + A)^{-1}`` in place of the strictly lower ``A [C, C]`` at ``p`` (row-major, zero
-    upper part): the diagonal blocks' inverses (:func:`_diagonal_inverses`), then block row by block
-    row ``T_i,:i = -T_ii (A_i,:i T_:i,:i)`` with tensor-core products (:func:`_mm`)."""
-    _diagonal_inverses(p, C)
-    r, rc = tl.arange(0, 16), tl.arange(0, C)
-    for i in tl.static_range(1, C // 16):
-        tl.debug_barrier()  # the rows above, and this block row's diagonal block, are final
-        rows = i * 16 + r
-        left = rc < i * 16
-        a_i = tl.load(p + rows[:, None] * C + rc[None, :], mask=left[None, :], other=0.0)  # [16, C]
-        t_above = tl.load(p + rc[:, None] * C + rc[None, :], mask=left[:, None], other=0.0)  # [C, C]
-        t_ii = tl.load(p + rows[:, None] * C + (i * 16 + r)[None, :])
-        t_i = -_mm(t_ii, _mm(a_i, t_above, PRECISE), PRECISE)
-        tl.store(p + rows[:, None] * C + rc[None, :], t_i, mask=left[None, :])
-    tl.debug_barrier()
+def _sub_rows(p, i_b, i_c, s, S, i_h, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, c0, BD: tl.constexpr):
+    """Rows ``[16 s, 16 s + 16)``, columns ``[c0, c0 + BD)`` of chunk ``i_c`` of a ``[B, S, H, D]`` tensor
+    in its stored dtype, zeros outside."""
+    t, cols = i_c * C + s * 16 + tl.arange(0, 16), c0 + tl.arange(0, BD)
+    p = p + (i_b.to(tl.int64) * S + t[:, None]) * (H * D) + i_h * D + cols[None, :]
+    return tl.load(p, mask=(t < S)[:, None] & (cols < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _decayed(P, beta_i, G_i, G_j, STRICT: tl.constexpr):
+    """Block ``(i, j)`` of ``A``: ``beta_i exp(G_i - G_j) P`` (``P`` the block of ``K K^T``), strictly lower if ``STRICT``."""
+    r = tl.arange(0, 16)
+    d = G_i[:, None] - G_j[None, :]
+    if STRICT:
+        d = tl.where(r[:, None] > r[None, :], d, float("-inf"))
+    return P * (beta_i[:, None] * tl.exp(d))
+
+
+@triton.jit
+def _diagonal_inverse(a):
+    """``(I + a)^{-1}`` of a strictly lower ``[16, 16]`` tile, by forward substitution over its rows in
+    registers: ``N_i = -a_i - sum_{j < i} a_ij N_j`` (rows 0 and 1 are ``-a_i``), the inverse ``I + N``."""
+    r = tl.arange(0, 16)
+    n = -a
+    for i in range(2, 16):
+        row = tl.sum(tl.where((r == i)[:, None], n, 0.0), 0)  # -a_i, zero from column i on
+        row += tl.sum(row[:, None] * n, 0)  # rows j < i of n are final
+        n = tl.where((r == i)[:, None], row[None, :], n)
+    return n + tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+
+
+@triton.jit
+def _put_block(p, i: tl.constexpr, j: tl.constexpr, C: tl.constexpr, x):
+    """Block ``(i, j)`` (``16 x 16``) of the row-major ``[C, C]`` at ``p``."""
+    r = tl.arange(0, 16)
+    tl.store(p + (i * 16 + r)[:, None] * C + (j * 16 + r)[None, :], x.to(p.dtype.element_ty))
+
+
+@triton.jit
+def _inverse_kernel(
+    k, beta, g, tinv, S, N,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, PRECISE: tl.constexpr,
+):
+    """``T = (I + A)^{-1}`` of chunk ``i_c`` of batch and head ``i_bh`` into ``tinv [C, C]`` (zero upper
+    part), ``A = strictly_lower(diag(beta) (K K^T) * exp(G_i - G_j))``, in blocks of 16 rows (``C // 16``
+    = 1, 2 or 4 of them) held in registers: the blocks of ``K K^T`` (keys ``BD`` columns at a time),
+    the diagonal blocks' inverses (:func:`_diagonal_inverse`), then by block rows
+    ``T_ij = -T_ii sum_{j <= l < i} A_il T_lj`` (:func:`_mm`)."""
+    NB: tl.constexpr = C // 16
+    tl.static_assert(NB == 1 or NB == 2 or NB == 4)
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    p_t = tinv + (i_bh.to(tl.int64) * N + i_c) * (C * C)
+    g0 = _sub_gate(g, i_b, i_c, 0, S, i_h, H, C)
+    G0, b0 = tl.cumsum(g0, 0), _sub_gate(beta, i_b, i_c, 0, S, i_h, H, C)
+    P00 = tl.zeros([16, 16], dtype=tl.float32)
+    if NB > 1:
+        g1 = _sub_gate(g, i_b, i_c, 1, S, i_h, H, C)
+        G1, b1 = tl.cumsum(g1, 0) + tl.sum(g0, 0), _sub_gate(beta, i_b, i_c, 1, S, i_h, H, C)
+        P10 = tl.zeros([16, 16], dtype=tl.float32)
+        P11 = tl.zeros([16, 16], dtype=tl.float32)
+    if NB > 2:
+        g2 = _sub_gate(g, i_b, i_c, 2, S, i_h, H, C)
+        g3 = _sub_gate(g, i_b, i_c, 3, S, i_h, H, C)
+        G2 = tl.cumsum(g2, 0) + tl.sum(g0, 0) + tl.sum(g1, 0)
+        G3 = tl.cumsum(g3, 0) + tl.sum(g0, 0) + tl.sum(g1, 0) + tl.sum(g2, 0)
+        b2, b3 = _sub_gate(beta, i_b, i_c, 2, S, i_h, H, C), _sub_gate(beta, i_b, i_c, 3, S, i_h, H, C)
+        P20 = tl.zeros([16, 16], dtype=tl.float32)
+        P21 = tl.zeros([16, 16], dtype=tl.float32)
+        P22 = tl.zeros([16, 16], dtype=tl.float32)
+        P30 = tl.zeros([16, 16], dtype=tl.float32)
+        P31 = tl.zeros([16, 16], dtype=tl.float32)
+        P32 = tl.zeros([16, 16], dtype=tl.float32)
+        P33 = tl.zeros([16, 16], dtype=tl.float32)
+    for c0 in tl.static_range(0, BK, BD):
+        k0 = _sub_rows(k, i_b, i_c, 0, S, i_h, H, K, C, c0, BD)
+        P00 += _gram(k0, PRECISE)
+        if NB > 1:
+            k1 = _sub_rows(k, i_b, i_c, 1, S, i_h, H, K, C, c0, BD)
+            P10 += _pair(k1, k0, PRECISE)
+            P11 += _gram(k1, PRECISE)
+        if NB > 2:
+            k2 = _sub_rows(k, i_b, i_c, 2, S, i_h, H, K, C, c0, BD)
+            k3 = _sub_rows(k, i_b, i_c, 3, S, i_h, H, K, C, c0, BD)
+            P20 += _pair(k2, k0, PRECISE)
+            P21 += _pair(k2, k1, PRECISE)
+            P22 += _gram(k2, PRECISE)
+            P30 += _pair(k3, k0, PRECISE)
+            P31 += _pair(k3, k1, PRECISE)
+            P32 += _pair(k3, k2, PRECISE)
+            P33 += _gram(k3, PRECISE)
+    for i in tl.static_range(NB):  # the upper blocks
+        for j in tl.static_range(i + 1, NB):
+            _put_block(p_t, i, j, C, tl.zeros([16, 16], dtype=tl.float32))
+    T00 = _diagonal_inverse(_decayed(P00, b0, G0, G0, True))
+    _put_block(p_t, 0, 0, C, T00)
+    if NB > 1:
+        T11 = _diagonal_inverse(_decayed(P11, b1, G1, G1, True))
+        A10 = _decayed(P10, b1, G1, G0, False)
+        T10 = -_mm(T11, _mm(A10, T00, PRECISE), PRECISE)
+        _put_block(p_t, 1, 0, C, T10)
+        _put_block(p_t, 1, 1, C, T11)
+    if NB > 2:
+        T22 = _diagonal_inverse(_decayed(P22, b2, G2, G2, True))
+        T33 = _diagonal_inverse(_decayed(P33, b3, G3, G3, True))
+        A21, A32 = _decayed(P21, b2, G2, G1, False), _decayed(P32, b3, G3, G2, False)
+        A31 = _decayed(P31, b3, G3, G1, False)
+        T21 = -_mm(T22, _mm(A21, T11, PRECISE), PRECISE)
+        T32 = -_mm(T33, _mm(A32, T22, PRECISE), PRECISE)
+        T20 = -_mm(T22, _mm(_decayed(P20, b2, G2, G0, False), T00, PRECISE) + _mm(A21, T10, PRECISE), PRECISE)
+        T31 = -_mm(T33, _mm(A31, T11, PRECISE) + _mm(A32, T21, PRECISE), PRECISE)
+        T30 = -_mm(T33, _mm(_decayed(P30, b3, G3, G0, False), T00, PRECISE) + _mm(A31, T10, PRECISE)
+                   + _mm(A32, T20, PRECISE), PRECISE)
+        _put_block(p_t, 2, 0, C, T20)
+        _put_block(p_t, 2, 1, C, T21)
+        _put_block(p_t, 2, 2, C, T22)
+        _put_block(p_t, 3, 0, C, T30)
+        _put_block(p_t, 3, 1, C, T31)
+        _put_block(p_t, 3, 2, C, T32)
+        _put_block(p_t, 3, 3, C, T33)
 
 
 @triton.jit
 def _solve_fwd_kernel(
-    k, v, beta, g, w, u0, e, gamma, tinv, S, N,
+    k, v, beta, g, tinv, w, u0, e, gamma, S, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BD: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    """Chunk ``i_c`` of batch and head ``i_bh``: ``T = (I + A)^{-1}``, ``W``, ``U0``, ``E``, ``gamma``.
-    ``A`` is written where ``T`` goes and inverted there; the keys and values are taken ``BD``
-    columns at a time."""
+    """Chunk ``i_c`` of batch and head ``i_bh``: ``W``, ``U0``, ``E``, ``gamma`` from ``T`` (:func:`_inverse_kernel`),
+    the keys and values ``BD`` columns at a time."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     idx = i_bh.to(tl.int64) * N + i_c
@@ -374,14 +468,7 @@ def _solve_fwd_kernel(
     b_g, _, _ = _chunk_gate(g, i_b, i_c, S, i_h, H, C)
     b_G = tl.cumsum(b_g, 0)
     b_GC = tl.sum(b_g, 0)
-    b_P = tl.zeros([C, C], dtype=tl.float32)
-    for c0 in tl.static_range(0, BK, BD):
-        b_P += _gram(_get_raw(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD)), PRECISE)
-    p_t = tinv + idx * (C * C)
-    tl.store(p_t + rc[:, None] * C + rc[None, :], b_P * b_beta[:, None] * _strict_decay(b_G, C))
-    tl.debug_barrier()
-    _unit_lower_inverse(p_t, C, PRECISE)
-    b_T = tl.load(p_t + rc[:, None] * C + rc[None, :])
+    b_T = _load(tinv, idx, C, C, rc, rc).to(tl.float32)
     scale_w, to_end = b_beta * tl.exp(b_G), tl.exp(b_GC - b_G)
     b_Tw = b_T.to(w.dtype.element_ty)  # W is stored in its dtype (the inputs'): its product's operands too
     for c0 in tl.static_range(0, BK, BD):
@@ -439,7 +526,7 @@ def _solve_bwd_kernel(
         b_dru = _dot(b_Tl, b_du0)
         v_dru += tl.sum(b_v.to(tl.float32) * b_dru, 1)
         _put(_rows_at(dv, i_b, i_c, S, i_h, H, V, C, c0, BD), b_dru * b_beta[:, None])
-    b_Tt = tl.trans(_load(tinv, idx, C, C, rc, rc))
+    b_Tt = tl.trans(_load(tinv, idx, C, C, rc, rc).to(tl.float32))
     b_dA = -_mm(_mm(b_Tt, b_dT, PRECISE), b_Tt, PRECISE)
     decay = _strict_decay(b_G, C)  # zero on and above the diagonal: masks dA to the strictly lower part
     b_dP = b_dA * b_beta[:, None] * decay
@@ -559,8 +646,8 @@ def _walk_stages(walks: int, dtype: torch.dtype, device: torch.device) -> tuple[
 
 
 def _mid_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Storage dtype of the intermediates but ``U0``, ``gamma`` and ``T`` (module docstring): the
-    products' operand dtype (float32 for float32 inputs)."""
+    """Storage dtype of the intermediates but ``gamma`` (module docstring): the products' operand
+    dtype (float32 for float32 inputs)."""
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
@@ -578,9 +665,11 @@ class ScanFunction(torch.autograd.Function):
         f32 = dict(dtype=torch.float32, device=dev)
         # within chunks
         w, e = torch.empty(B, H, N, C, K, dtype=mid, device=dev), torch.empty(B, H, N, C, K, dtype=mid, device=dev)
-        u0 = torch.empty(B, H, N, C, V, **f32)  # float32: in bf16 the gates' gradient error doubles (NC, T = 400 replay)
-        gamma, tinv = torch.empty(B, H, N, **f32), torch.empty(B, H, N, C, C, **f32)
-        _solve_fwd_kernel[(N, B * H)](k, v, beta, g, w, u0, e, gamma, tinv, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BVs,
+        u0 = torch.empty(B, H, N, C, V, dtype=mid, device=dev)
+        gamma, tinv = torch.empty(B, H, N, **f32), torch.empty(B, H, N, C, C, dtype=mid, device=dev)
+        _inverse_kernel[(N, B * H)](k, beta, g, tinv, S, N, H=H, K=K, C=C, BK=BK, BD=min(BK, INVERSE_BD),
+                                    PRECISE=precise, num_warps=INVERSE_WARPS, num_stages=INVERSE_STAGES)
+        _solve_fwd_kernel[(N, B * H)](k, v, beta, g, tinv, w, u0, e, gamma, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BVs,
                                       BD=min(BK, BVs, SOLVE_BD), PRECISE=precise, num_warps=SOLVE_FWD_WARPS,
                                       num_stages=SOLVE_FWD_STAGES)
         # across chunks
