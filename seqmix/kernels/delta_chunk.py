@@ -68,17 +68,22 @@ from torch import Tensor
 # Launch shapes: state columns per program (halved for key dims above 128), warps, pipeline stages.
 FWD_BV, BWD_BV = 64, 64  # BWD_BV 64: 1.53 ms against 1.86 at 32 (sweep_launch_delta_5ebb97a.log); 32: see _columns
 NUM_WARPS = 4
-# pipeline stages of the walks (forward, backward); with fewer walks than SMs (long sequences),
-# by the products' operand size: 16-bit (3, 2) (H100, bf16, 5eaedab, fwd+bwd at 32K 9.48 -> 9.26
-# with the forward's alone, 9.02 with the backward's, at 8K 7.41 -> 7.38 / 7.52:
-# delta_configs_5eaedab.log), float32 as the others (unmeasured: 3 stages take 224 KB of shared
+# pipeline stages of the walks (forward, backward) by the products' operand size: 16-bit (2, 2)
+# (H100, bf16, fwd+bwd at 8K 6.46 -> 6.33 ms against (2, 1): configs_delta_Vd.log), float32 (2, 1)
+WALK_STAGES = {2: (2, 2), 4: (2, 1)}
+# with fewer walks than SMs (long sequences): fewer state columns per program, so more programs
+# (H100, bf16, 32K: fwd+bwd 8.43 -> 7.37 ms with the inverse's and storage changes, the backward
+# walk 2.13 -> 1.73 ms at 32 columns; 16 columns 7.37 against 7.47 at 32: few_walk_columns.log),
+# and deeper pipelines by the products' operand size: 16-bit (3, 2) (H100, bf16, 5eaedab, 32K
+# 9.48 -> 9.02: delta_configs_5eaedab.log), float32 as the others (3 stages take 224 KB of shared
 # memory and spill)
-FWD_STAGES, BWD_STAGES = 2, 1
+FEW_WALK_BV = (32, 16)
 FEW_WALK_STAGES = {2: (3, 2), 4: (2, 1)}
 GRAD_BK, GRAD_BV, GRAD_WARPS, GRAD_STAGES = 64, 64, 4, 2  # dW, dE, dgamma: key columns per program, state columns at a time
 # within chunks: key and value columns at a time of the forward (SOLVE_BD); the backward took 2.9 ms at 4 warps and 1 stage,
 # 3.9 at 8 and 3 (H100, T = 8K, sweep_solve_delta_257c64c.log)
-SOLVE_FWD_WARPS, SOLVE_FWD_STAGES, SOLVE_BWD_WARPS, SOLVE_BWD_STAGES, SOLVE_BD = 4, 3, 4, 2, 64
+# 3 stages since its products are 16-bit (fwd+bwd 6.40 against 6.46 ms at 2, configs_delta_Vd.log)
+SOLVE_FWD_WARPS, SOLVE_FWD_STAGES, SOLVE_BWD_WARPS, SOLVE_BWD_STAGES, SOLVE_BD = 4, 3, 4, 3, 64
 # the backward's columns at a time, by the products' operand size, and stages: 16-bit 64 since its
 # products of 16-bit tiles are 16-bit (H100, 2e8e74a, fwd+bwd 7.41 -> 7.10 ms at 8K, 8.76 -> 8.44 at
 # 32K: delta_configs_2e8e74a.log; 2.38 ms against 2.48 before, delta4 sweeps), float32 32 (64 spills
@@ -113,6 +118,13 @@ def _load(p, idx, R: tl.constexpr, D: tl.constexpr, rows, cols):
     mask = (rows < R)[:, None] & (cols < D)[None, :]
     base = p + idx * (R * D)
     return tl.load(base + (rows[:, None] * D + cols[None, :]), mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_t(p, idx, R: tl.constexpr, D: tl.constexpr, rows, cols):
+    """Tile ``[cols, rows]`` of the transposed ``idx``-th ``[R, D]`` matrix at ``p``, zeros outside."""
+    mask = (rows < R)[None, :] & (cols < D)[:, None]
+    return tl.load(p + idx * (R * D) + (rows[None, :] * D + cols[:, None]), mask=mask, other=0.0)
 
 
 @triton.jit
@@ -162,8 +174,7 @@ def _fwd_kernel(
         b_w = _as(_load(w, idx, C, K, rc, ck), LOW)
         b_u = _load(u0, idx, C, V, rc, cv).to(tl.float32) - _dot(b_w, b_S)  # [C, BV]
         _store(u, idx, C, V, rc, cv, b_u)
-        b_e = _as(_load(e, idx, C, K, rc, ck), LOW)
-        b_S = tl.load(gamma + idx) * b_S + _dot(tl.trans(b_e), b_u)
+        b_S = tl.load(gamma + idx) * b_S + _dot(_as(_load_t(e, idx, C, K, rc, ck), LOW), b_u)
     _store(ht, i_nh.to(tl.int64), K, V, ck, cv, b_S)
 
 
@@ -192,12 +203,12 @@ def _bwd_kernel(
         if HAS_DU:
             b_du += _load(du, idx, C, V, rc, cv).to(tl.float32)
         _store(du0, idx, C, V, rc, cv, b_du)
-        b_dS = tl.load(gamma + idx) * b_dS - _dot(tl.trans(_as(_load(w, idx, C, K, rc, ck), LOW)), b_du)
+        b_dS = tl.load(gamma + idx) * b_dS - _dot(_as(_load_t(w, idx, C, K, rc, ck), LOW), b_du)
         if HAS_DO:
             b_g, _, _ = _chunk_gate(g, b, c, S, i_h, H, C)
-            b_qd = _chunk_rows(q, b, c, S, i_h, H, K, C, ck) * tl.exp(tl.cumsum(b_g, 0))[:, None]
+            b_qdt = _chunk_cols(q, b, c, S, i_h, H, K, C, ck) * tl.exp(tl.cumsum(b_g, 0))[None, :]
             b_do = _as(scale * _chunk_rows(do, b, c, S, i_h, H, V, C, cv), LOW)
-            b_dS += _dot(_as(tl.trans(b_qd), LOW), b_do)
+            b_dS += _dot(_as(b_qdt, LOW), b_do)
     _store(dh0, i_nh.to(tl.int64), K, V, ck, cv, b_dS)
 
 
@@ -218,11 +229,11 @@ def _state_grads_kernel(
     b_dgamma = tl.zeros([BD], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         cv = i_v * BV + tl.arange(0, BV)
-        b_S = _load(states, idx, K, V, ck, cv)
-        b_dn = _load(dnext, idx, K, V, ck, cv)
-        b_dw -= _dot(_as(_load(du0, idx, C, V, rc, cv), LOW), tl.trans(b_S))
-        b_de += _dot(_as(_load(u, idx, C, V, rc, cv), LOW), tl.trans(b_dn))
-        b_dgamma += tl.sum(b_S.to(tl.float32) * b_dn.to(tl.float32), 1)
+        b_St = _load_t(states, idx, K, V, ck, cv)  # [BV, BD]
+        b_dnt = _load_t(dnext, idx, K, V, ck, cv)
+        b_dw -= _dot(_as(_load(du0, idx, C, V, rc, cv), LOW), b_St)
+        b_de += _dot(_as(_load(u, idx, C, V, rc, cv), LOW), b_dnt)
+        b_dgamma += tl.sum(b_St.to(tl.float32) * b_dnt.to(tl.float32), 0)
     _store(dw, idx, C, K, rc, ck, b_dw)
     _store(de, idx, C, K, rc, ck, b_de)
     tl.store(dgamma + idx * tl.num_programs(0) + i_k, tl.sum(b_dgamma, 0))
@@ -237,6 +248,14 @@ def _chunk_rows(p, i_b, i_c, S, i_h, H: tl.constexpr, D: tl.constexpr, C: tl.con
     t = i_c * C + tl.arange(0, C)
     p = p + (i_b.to(tl.int64) * S + t[:, None]) * (H * D) + i_h * D + cols[None, :]
     return tl.load(p, mask=(t < S)[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _chunk_cols(p, i_b, i_c, S, i_h, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, cols):
+    """The transpose of :func:`_chunk_rows`: ``[cols, C]`` float32, zeros outside."""
+    t = i_c * C + tl.arange(0, C)
+    p = p + (i_b.to(tl.int64) * S + t[None, :]) * (H * D) + i_h * D + cols[:, None]
+    return tl.load(p, mask=(t < S)[None, :] & (cols < D)[:, None], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -504,7 +523,7 @@ def _solve_bwd_kernel(
     b_GC = tl.sum(b_g, 0)
     scale_w, to_end = b_beta * tl.exp(b_G), tl.exp(b_GC - b_G)
     # T^T in dW's dtype (the inputs') for the products with dW and dU0; in float32 for dA (read again there)
-    b_Tl = tl.trans(_load(tinv, idx, C, C, rc, rc)).to(dw.dtype.element_ty)
+    b_Tl = _load_t(tinv, idx, C, C, rc, rc).to(dw.dtype.element_ty)
     b_dT = tl.zeros([C, C], dtype=tl.float32)
     b_P = tl.zeros([C, C], dtype=tl.float32)
     k_drw = tl.zeros([C], dtype=tl.float32)
@@ -526,8 +545,7 @@ def _solve_bwd_kernel(
         b_dru = _dot(b_Tl, b_du0)
         v_dru += tl.sum(b_v.to(tl.float32) * b_dru, 1)
         _put(_rows_at(dv, i_b, i_c, S, i_h, H, V, C, c0, BD), b_dru * b_beta[:, None])
-    b_Tt = tl.trans(_load(tinv, idx, C, C, rc, rc).to(tl.float32))
-    b_dA = -_mm(_mm(b_Tt, b_dT, PRECISE), b_Tt, PRECISE)
+    b_dA = -_dot(_dot(b_Tl, b_dT).to(b_Tl.dtype), b_Tl)
     decay = _strict_decay(b_G, C)  # zero on and above the diagonal: masks dA to the strictly lower part
     b_dP = b_dA * b_beta[:, None] * decay
     s_e = to_end * k_de
@@ -541,7 +559,7 @@ def _solve_bwd_kernel(
     tl.store(dg + offs, b_dg.to(dg.dtype.element_ty), mask=valid)
     b_dPs = b_dP + tl.trans(b_dP)
     for c0 in range(0, BK, BD):
-        b_dk = _mm(b_dPs, _get(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD)), PRECISE)
+        b_dk = _dot(b_dPs.to(b_Tl.dtype), _get_raw(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD)))
         b_dk += _dot(b_Tl, _get_raw(_tile_at(dw, idx, C, K, c0, BD))) * scale_w[:, None]
         b_dk += _get(_tile_at(de, idx, C, K, c0, BD)) * to_end[:, None]
         if HAS_DK_IN:
@@ -604,8 +622,8 @@ def _read_bwd_kernel(
     for i_v in range(tl.cdiv(V, BV)):
         cv = i_v * BV + tl.arange(0, BV)
         b_do = _as(scale * _chunk_rows(do, i_b, i_c, S, i_h, H, V, C, cv), LOW)
-        b_dqd += _dot(b_do, tl.trans(_load(states, idx, K, V, ck, cv)))
-        b_dattn += _dot(b_do, tl.trans(_load(u, idx, C, V, rc, cv)))
+        b_dqd += _dot(b_do, _load_t(states, idx, K, V, ck, cv))
+        b_dattn += _dot(b_do, _load_t(u, idx, C, V, rc, cv))
         _store(du, idx, C, V, rc, cv, _dot(_as(tl.trans(b_attn), LOW), b_do))
     b_M = b_dattn * decay
     b_dqd *= tl.exp(b_G)[:, None]
@@ -634,15 +652,21 @@ def _columns(BK: int, BV: int) -> int:
     bf16 operands, 32-column blocks under 64 or more key rows made illegal memory accesses on the
     H100 (Triton 3.6): the reverse walk at K = V = 128 (compute-sanitizer: an out-of-range shared
     address inside the compiled product) and the queries' reads at K = 128, V = 32
-    (``benchmarks/kernels.md``, sixth session)."""
+    (``benchmarks/kernels.md``, sixth session). The walks, which load their transposed operands
+    transposed (:func:`_load_t`), run at 32 and 16 columns (``FEW_WALK_BV``; H100 checks)."""
     return max(BV, min(BK, 64))
 
 
-def _walk_stages(walks: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
-    """Pipeline stages of the forward and backward walks: ``FEW_WALK_STAGES`` when ``walks``
-    programs leave SMs idle, else ``FWD_STAGES, BWD_STAGES``."""
+def _walk_launch(K: int, V: int, walks: int, dtype: torch.dtype, device: torch.device, backward: bool) -> tuple[int, int]:
+    """State columns per program and pipeline stages of the forward (``backward``: reverse) walk over
+    ``walks`` sequences x heads: ``FWD_BV`` (``BWD_BV``) columns at ``WALK_STAGES``, or, when those
+    programs leave SMs idle, ``FEW_WALK_BV`` columns at ``FEW_WALK_STAGES``."""
+    _, BV = _blocks(K, V, BWD_BV if backward else FWD_BV)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
-    return FEW_WALK_STAGES[_mid_dtype(dtype).itemsize] if walks < sms else (FWD_STAGES, BWD_STAGES)
+    size = _mid_dtype(dtype).itemsize
+    if triton.cdiv(V, BV) * walks >= sms:
+        return BV, WALK_STAGES[size][backward]
+    return min(BV, FEW_WALK_BV[backward]), FEW_WALK_STAGES[size][backward]
 
 
 def _mid_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -673,14 +697,14 @@ class ScanFunction(torch.autograd.Function):
                                       BD=min(BK, BVs, SOLVE_BD), PRECISE=precise, num_warps=SOLVE_FWD_WARPS,
                                       num_stages=SOLVE_FWD_STAGES)
         # across chunks
-        _, BV = _blocks(K, V, FWD_BV)
+        BV, stages = _walk_launch(K, V, n_seq * H, dtype, dev, backward=False)
         states = torch.empty(B, H, N, K, V, dtype=mid, device=dev)
         u = torch.empty(B, H, N, C, V, dtype=mid, device=dev)
         ht = torch.empty(n_seq, H, K, V, **f32)
         _fwd_kernel[(triton.cdiv(V, BV), n_seq * H)](
             w, u0, e, gamma, h0, states, u, ht, chunk_offsets, N,
             H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, IS_VARLEN=chunk_offsets is not None,
-            num_warps=NUM_WARPS, num_stages=_walk_stages(triton.cdiv(V, BV) * n_seq * H, dtype, dev)[0],
+            num_warps=NUM_WARPS, num_stages=stages,
         )
         del u0
         # the queries' reads
@@ -723,12 +747,12 @@ class ScanFunction(torch.autograd.Function):
         du0, dnext = torch.empty(B, H, N, C, V, dtype=mid, device=dev), torch.empty(B, H, N, K, V, dtype=mid, device=dev)
         dh0 = torch.empty(n_seq, H, K, V, **f32)
         dht = None if dht is None else dht.contiguous()
-        _, BV = _blocks(K, V, BWD_BV)
+        BV, stages = _walk_launch(K, V, n_seq * H, ctx.dtype, dev, backward=True)
         _bwd_kernel[(triton.cdiv(V, BV), n_seq * H)](
             w, e, gamma, q, g, do, du, dht, du0, dnext, dh0, chunk_offsets, ctx.scale, S, N,
             H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, HAS_DO=do is not None, HAS_DU=du is not None,
             HAS_DHT=dht is not None, IS_VARLEN=chunk_offsets is not None, num_warps=NUM_WARPS,
-            num_stages=_walk_stages(triton.cdiv(V, BV) * n_seq * H, ctx.dtype, dev)[1],
+            num_stages=stages,
         )
         del du
         # dW, dE, dgamma of every chunk, then within chunks, adding the reads' share of dk
