@@ -79,7 +79,9 @@ WALK_STAGES = {2: (2, 2), 4: (2, 1)}
 # memory and spill)
 FEW_WALK_BV = (32, 16)
 FEW_WALK_STAGES = {2: (3, 2), 4: (2, 1)}
-GRAD_BK, GRAD_BV, GRAD_WARPS, GRAD_STAGES = 64, 64, 4, 2  # dW, dE, dgamma: key columns per program, state columns at a time
+# dW, dE, dgamma: key columns per program, state columns at a time, warps, stages (3: fwd+bwd 6.24 against
+# 6.28 ms at 2, 7.21 against 7.28 at 32K; configs_delta_5138d38.log)
+GRAD_BK, GRAD_BV, GRAD_WARPS, GRAD_STAGES = 64, 64, 4, 3
 # within chunks: key and value columns at a time of the forward (SOLVE_BD); the backward took 2.9 ms at 4 warps and 1 stage,
 # 3.9 at 8 and 3 (H100, T = 8K, sweep_solve_delta_257c64c.log)
 # 3 stages since its products are 16-bit (fwd+bwd 6.40 against 6.46 ms at 2, configs_delta_Vd.log)
