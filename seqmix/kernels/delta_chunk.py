@@ -188,7 +188,8 @@ def _bwd_kernel(
 ):
     """Columns ``i_v`` of one sequence and head, walking its chunks backward: ``dU0_n`` and the
     gradient of each chunk's leaving state ``dS_{n+1}`` (into ``dnext``), then ``dS_0``. The reads'
-    ``dS_n^out = scale * (Q * exp(G))^T dO`` is formed here from ``q, g, do`` (``HAS_DO``)."""
+    ``dS_n^out = scale * (Q * exp(G))^T dO`` is formed here from ``q, g, do`` (``HAS_DO``); at 32
+    columns or fewer as ``Q^T (scale * exp(G) * dO)``, the gate scaling the narrow tile."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     b, c0, c1 = _chunk_range(i_n, chunk_offsets, N, IS_VARLEN)
@@ -208,9 +209,13 @@ def _bwd_kernel(
         b_dS = tl.load(gamma + idx) * b_dS - _dot(_as(_load_t(w, idx, C, K, rc, ck), LOW), b_du)
         if HAS_DO:
             b_g, _, _ = _chunk_gate(g, b, c, S, i_h, H, C)
-            b_qdt = _chunk_cols(q, b, c, S, i_h, H, K, C, ck) * tl.exp(tl.cumsum(b_g, 0))[None, :]
-            b_do = _as(scale * _chunk_rows(do, b, c, S, i_h, H, V, C, cv), LOW)
-            b_dS += _dot(_as(b_qdt, LOW), b_do)
+            b_qt = _chunk_cols(q, b, c, S, i_h, H, K, C, ck)  # [BK, C]
+            if BV <= 32:  # the gate on dO's narrow tile (H100, 32K: 7.28 -> 7.20 ms; at 64 columns 6.24 -> 6.58 at 8K)
+                b_do = scale * _chunk_rows(do, b, c, S, i_h, H, V, C, cv) * tl.exp(tl.cumsum(b_g, 0))[:, None]
+            else:
+                b_qt = b_qt.to(tl.float32) * tl.exp(tl.cumsum(b_g, 0))[None, :]
+                b_do = scale * _chunk_rows(do, b, c, S, i_h, H, V, C, cv)
+            b_dS += _dot(_as(b_qt, LOW), _as(b_do, LOW))
     _store(dh0, i_nh.to(tl.int64), K, V, ck, cv, b_dS)
 
 
@@ -254,10 +259,10 @@ def _chunk_rows(p, i_b, i_c, S, i_h, H: tl.constexpr, D: tl.constexpr, C: tl.con
 
 @triton.jit
 def _chunk_cols(p, i_b, i_c, S, i_h, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, cols):
-    """The transpose of :func:`_chunk_rows`: ``[cols, C]`` float32, zeros outside."""
+    """The transpose of :func:`_chunk_rows`: ``[cols, C]`` in its stored dtype, zeros outside."""
     t = i_c * C + tl.arange(0, C)
     p = p + (i_b.to(tl.int64) * S + t[None, :]) * (H * D) + i_h * D + cols[:, None]
-    return tl.load(p, mask=(t < S)[None, :] & (cols < D)[:, None], other=0.0).to(tl.float32)
+    return tl.load(p, mask=(t < S)[None, :] & (cols < D)[:, None], other=0.0)
 
 
 @triton.jit
