@@ -52,8 +52,9 @@ GPU check at D = 128 unchanged by them: bf16 worst 6.2e-3; ``T`` and ``U0`` in b
 gates' gradient from 3.4e-3 to 4.0e-3 at worst); ``gamma`` stays float32, and float32 inputs keep
 everything float32. Products of two 16-bit tiles (``K K^T``, ``dW K^T``, ``dU0 V^T``, their row
 scalings taken after) are one 16-bit tensor-core pass, exact as the tf32 pass of the same values
-was; so are ``W``'s product and the backward's products of ``T^T`` with ``dW`` and ``dU0``; the
-rest, the inverse's block rows included, take tf32 operands (float32 inputs: ``tf32x3`` throughout).
+was; so are ``W``'s product, the backward's products of ``T^T`` with ``dW`` and ``dU0``, ``dA =
+-T^T dT T^T`` (``dT`` and the inner product rounded to 16 bits) and ``dA``'s share of ``dk``; the
+rest (the inverse's block rows, ``U0``'s product) take tf32 operands (float32 inputs: ``tf32x3`` throughout).
 Packed sequences (``chunk_offsets [N_seq + 1]``, ``B = 1``) occupy whole chunks: sequence ``i`` owns chunks
 ``[chunk_offsets[i], chunk_offsets[i + 1])``.
 """
