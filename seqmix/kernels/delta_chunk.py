@@ -530,7 +530,7 @@ def _solve_bwd_kernel(
     b_G = tl.cumsum(b_g, 0)
     b_GC = tl.sum(b_g, 0)
     scale_w, to_end = b_beta * tl.exp(b_G), tl.exp(b_GC - b_G)
-    # T^T in dW's dtype (the inputs') for the products with dW and dU0; in float32 for dA (read again there)
+    # T^T in the inputs' dtype (T is stored in it) for every product with it, dA's included
     b_Tl = _load_t(tinv, idx, C, C, rc, rc).to(dw.dtype.element_ty)
     b_dT = tl.zeros([C, C], dtype=tl.float32)
     b_P = tl.zeros([C, C], dtype=tl.float32)
