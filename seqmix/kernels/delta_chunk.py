@@ -80,9 +80,10 @@ WALK_STAGES = {2: (2, 2), 4: (2, 1)}
 # memory and spill)
 FEW_WALK_BV = (32, 16)
 FEW_WALK_STAGES = {2: (3, 2), 4: (2, 1)}
-# dW, dE, dgamma: key columns per program, state columns at a time, warps, stages (3: fwd+bwd 6.24 against
-# 6.28 ms at 2, 7.21 against 7.28 at 32K; configs_delta_5138d38.log)
-GRAD_BK, GRAD_BV, GRAD_WARPS, GRAD_STAGES = 64, 64, 4, 3
+# dW, dE, dgamma and the reads' gradients (_grads_kernel): key columns per program, warps; state
+# columns at a time and stages by the products' operand size
+GRAD_BK, GRAD_WARPS = 64, 8
+GRAD_BV, GRAD_STAGES = {2: 64, 4: 32}, {2: 3, 4: 2}
 # within chunks: key and value columns at a time of the forward (SOLVE_BD); the backward took 2.9 ms at 4 warps and 1 stage,
 # 3.9 at 8 and 3 (H100, T = 8K, sweep_solve_delta_257c64c.log)
 # 3 stages since its products are 16-bit (fwd+bwd 6.40 against 6.46 ms at 2, configs_delta_Vd.log)
@@ -97,7 +98,6 @@ SOLVE_BWD_BD = {2: 64, 4: 32}
 # bf16, delta_inverse_registers.log)
 INVERSE_BD, INVERSE_WARPS, INVERSE_STAGES = 64, 1, 3
 READ_FWD_BV, READ_FWD_WARPS = 128, 4  # 0.88 ms against 0.99 at 64 (same sweep)
-READ_BWD_BV, READ_BWD_WARPS = 64, 8  # 2.12 ms against 2.20 at 32; float32: 32 (64 needs 288 KB of shared memory)
 _LOW = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' LOW: products' operand dtype
 
 
@@ -183,13 +183,14 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    w, e, gamma, q, g, do, du, dht, du0, dnext, dh0, chunk_offsets, scale, S, N,
+    w, e, gamma, q, g, do, attn, dht, du0, dnext, dh0, chunk_offsets, scale, S, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    LOW: tl.constexpr, HAS_DO: tl.constexpr, HAS_DU: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    LOW: tl.constexpr, HAS_DO: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """Columns ``i_v`` of one sequence and head, walking its chunks backward: ``dU0_n`` and the
     gradient of each chunk's leaving state ``dS_{n+1}`` (into ``dnext``), then ``dS_0``. The reads'
-    ``dS_n^out = scale * (Q * exp(G))^T dO`` is formed here from ``q, g, do`` (``HAS_DO``); at 32
+    ``dU_n^out = scale * Attn^T dO`` (``Attn`` stored by the forward's reads) and ``dS_n^out =
+    scale * (Q * exp(G))^T dO`` are formed here from ``attn, q, g, do`` (``HAS_DO``); the latter at 32
     columns or fewer as ``Q^T (scale * exp(G) * dO)``, the gate scaling the narrow tile."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -204,47 +205,72 @@ def _bwd_kernel(
         idx = first + c
         _store(dnext, idx, K, V, ck, cv, b_dS)
         b_du = _dot(_as(_load(e, idx, C, K, rc, ck), LOW), b_dS)  # [C, BV]
-        if HAS_DU:
-            b_du += _load(du, idx, C, V, rc, cv).to(tl.float32)
+        if HAS_DO:
+            b_do = scale * _chunk_rows(do, b, c, S, i_h, H, V, C, cv)
+            b_du += _dot(_as(_load_t(attn, idx, C, C, rc, rc), LOW), _as(b_do, LOW))
         _store(du0, idx, C, V, rc, cv, b_du)
         b_dS = tl.load(gamma + idx) * b_dS - _dot(_as(_load_t(w, idx, C, K, rc, ck), LOW), b_du)
         if HAS_DO:
             b_g, _, _ = _chunk_gate(g, b, c, S, i_h, H, C)
             b_qt = _chunk_cols(q, b, c, S, i_h, H, K, C, ck)  # [BK, C]
             if BV <= 32:  # the gate on dO's narrow tile (H100, 32K: 7.28 -> 7.20 ms; at 64 columns 6.24 -> 6.58 at 8K)
-                b_do = scale * _chunk_rows(do, b, c, S, i_h, H, V, C, cv) * tl.exp(tl.cumsum(b_g, 0))[:, None]
+                b_do = b_do * tl.exp(tl.cumsum(b_g, 0))[:, None]
             else:
                 b_qt = b_qt.to(tl.float32) * tl.exp(tl.cumsum(b_g, 0))[None, :]
-                b_do = scale * _chunk_rows(do, b, c, S, i_h, H, V, C, cv)
             b_dS += _dot(_as(b_qt, LOW), _as(b_do, LOW))
     _store(dh0, i_nh.to(tl.int64), K, V, ck, cv, b_dS)
 
 
 @triton.jit
-def _state_grads_kernel(
-    states, u, du0, dnext, dw, de, dgamma, N,
-    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, LOW: tl.constexpr,
+def _grads_kernel(
+    q, k, g, states, u, do, du0, dnext, dq, dk, dg, dw, de, dgamma, scale, S, N,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+    LOW: tl.constexpr, HAS_DO: tl.constexpr,
 ):
-    """Chunk ``i_c`` of batch and head ``i_bh``, key columns ``[i_k BD, (i_k + 1) BD)``:
+    """Chunk ``i_c`` of batch and head ``i_bh``, key columns ``[i_k BD, (i_k + 1) BD)``, summing over
+    the state's columns ``BV`` at a time, each tile of ``S_n``, ``U_n`` read once:
     ``dW = -dU0 S_n^T`` and ``dE = U dS_{n+1}^T`` (``[C, BD]``, stored in ``dw``'s and ``de``'s dtype)
-    and those columns' share of ``dgamma = <S_n, dS_{n+1}>`` (``dgamma [B, H, N, cdiv(K, BD)]``
-    float32), summing over the state's columns ``BV`` at a time."""
+    and those columns' share of ``dgamma = <S_n, dS_{n+1}>`` (``dgamma [B, H, N, NKB]`` float32,
+    ``NKB = cdiv(K, BD)``); with ``HAS_DO`` the reads' gradients: ``dQd = dO S_n^T``, ``dAttn = dO
+    U_n^T``, ``M = dAttn * exp(G_i - G_j) [j <= i]``, ``dq = dQd * exp(G) + M K``, the reads' share of
+    ``dk = M^T Q`` and these columns' share of the reads' ``dg`` (``dg [B, S, H, NKB]`` float32)."""
     i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
     idx = i_bh.to(tl.int64) * N + i_c
     rc, ck = tl.arange(0, C), i_k * BD + tl.arange(0, BD)
     b_dw = tl.zeros([C, BD], dtype=tl.float32)
     b_de = tl.zeros([C, BD], dtype=tl.float32)
     b_dgamma = tl.zeros([BD], dtype=tl.float32)
+    b_dqd = tl.zeros([C, BD], dtype=tl.float32)
+    b_dattn = tl.zeros([C, C], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         cv = i_v * BV + tl.arange(0, BV)
         b_St = _load_t(states, idx, K, V, ck, cv)  # [BV, BD]
         b_dnt = _load_t(dnext, idx, K, V, ck, cv)
+        b_u = _as(_load(u, idx, C, V, rc, cv), LOW)
         b_dw -= _dot(_as(_load(du0, idx, C, V, rc, cv), LOW), b_St)
-        b_de += _dot(_as(_load(u, idx, C, V, rc, cv), LOW), b_dnt)
+        b_de += _dot(b_u, b_dnt)
         b_dgamma += tl.sum(b_St.to(tl.float32) * b_dnt.to(tl.float32), 0)
+        if HAS_DO:
+            b_do = _as(scale * _chunk_rows(do, i_b, i_c, S, i_h, H, V, C, cv), LOW)
+            b_dqd += _dot(b_do, b_St)
+            b_dattn += _dot(b_do, tl.trans(b_u))
     _store(dw, idx, C, K, rc, ck, b_dw)
     _store(de, idx, C, K, rc, ck, b_de)
-    tl.store(dgamma + idx * tl.num_programs(0) + i_k, tl.sum(b_dgamma, 0))
+    NKB = tl.num_programs(0)
+    tl.store(dgamma + idx * NKB + i_k, tl.sum(b_dgamma, 0))
+    if HAS_DO:
+        b_q = _chunk_rows(q, i_b, i_c, S, i_h, H, K, C, ck)
+        b_k = _chunk_rows(k, i_b, i_c, S, i_h, H, K, C, ck)
+        b_g, offs, valid = _chunk_gate(g, i_b, i_c, S, i_h, H, C)
+        b_G = tl.cumsum(b_g, 0)
+        b_M = b_dattn * _causal_decay(b_G, C)
+        b_dqd *= tl.exp(b_G)[:, None]
+        _store_rows(dq, b_dqd + _dot(_as(b_M, LOW), b_k), i_b, i_c, S, i_h, H, K, C, ck)
+        _store_rows(dk, _dot(_as(tl.trans(b_M), LOW), b_q), i_b, i_c, S, i_h, H, K, C, ck)
+        b_Z = b_M * _dot(_as(b_q, LOW), tl.trans(b_k))  # dAttn * Attn, these key columns' share
+        b_dG = tl.sum(b_q * b_dqd, 1) + tl.sum(b_Z, 1) - tl.sum(b_Z, 0)
+        tl.store(dg + offs * NKB + i_k, tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG, mask=valid)
 
 
 # ----------------------------------------------------------------------------- within chunks
@@ -510,17 +536,17 @@ def _solve_fwd_kernel(
 
 @triton.jit
 def _solve_bwd_kernel(
-    k, v, beta, g, tinv, dw, de, dgamma, du0, dk_in, dk, dv, dbeta, dg, S, N,
+    k, v, beta, g, tinv, dw, de, dgamma, du0, dk_in, dg_in, dk, dv, dbeta, dg, S, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BD: tl.constexpr, NKB: tl.constexpr, PRECISE: tl.constexpr, HAS_DK_IN: tl.constexpr,
+    BD: tl.constexpr, NKB: tl.constexpr, PRECISE: tl.constexpr, HAS_READS: tl.constexpr,
 ):
     """Gradients of chunk ``i_c``'s keys, values, betas and log gates from those of ``W, U0, E, gamma``
     (the module docstring's chain rule through ``T``; ``dW, dE [C, K]`` and the ``NKB`` shares of
-    ``dgamma`` from :func:`_state_grads_kernel`), ``BD`` columns at a time: the keys' side
+    ``dgamma`` from :func:`_grads_kernel`), ``BD`` columns at a time: the keys' side
     (``dT = dW Rw^T``, ``P = K K^T``, row sums with ``dRw = T^T dW`` and ``dE``), the values' side
     (``dT += dU0 Ru^T``, ``dRu = T^T dU0``, ``dv``), ``dA = -strictly_lower(T^T dT T^T)``, then the
-    keys' gradient (``dRw`` recomputed), plus ``dk_in`` (the reads' share) if given; the
-    gradients are stored in their inputs' dtypes."""
+    keys' gradient (``dRw`` recomputed); with ``HAS_READS`` plus the reads' shares ``dk_in`` and
+    ``dg_in`` (its ``NKB`` shares per token); the gradients are stored in their inputs' dtypes."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     idx = i_bh.to(tl.int64) * N + i_c
@@ -563,6 +589,9 @@ def _solve_bwd_kernel(
     b_dG = tl.sum(b_dAA, 1) - tl.sum(b_dAA, 0) + scale_w * k_drw - s_e
     b_dG += tl.where(rc == C - 1, tl.sum(s_e, 0) + tl.exp(b_GC) * b_dgamma, 0.0)
     b_dg = tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG  # suffix sums: G_i sums g_1..g_i
+    if HAS_READS:
+        for i in tl.static_range(NKB):
+            b_dg += tl.load(dg_in + offs * NKB + i, mask=valid, other=0.0)
     tl.store(dbeta + offs, b_dbeta.to(dbeta.dtype.element_ty), mask=valid)
     tl.store(dg + offs, b_dg.to(dg.dtype.element_ty), mask=valid)
     b_dPs = b_dP + tl.trans(b_dP)
@@ -570,7 +599,7 @@ def _solve_bwd_kernel(
         b_dk = _dot(b_dPs.to(b_Tl.dtype), _get_raw(_rows_at(k, i_b, i_c, S, i_h, H, K, C, c0, BD)))
         b_dk += _dot(b_Tl, _get_raw(_tile_at(dw, idx, C, K, c0, BD))) * scale_w[:, None]
         b_dk += _get(_tile_at(de, idx, C, K, c0, BD)) * to_end[:, None]
-        if HAS_DK_IN:
+        if HAS_READS:
             b_dk += _get(_rows_at(dk_in, i_b, i_c, S, i_h, H, K, C, c0, BD))
         _put(_rows_at(dk, i_b, i_c, S, i_h, H, K, C, c0, BD), b_dk)
 
@@ -587,11 +616,12 @@ def _causal_decay(G, C: tl.constexpr):
 
 @triton.jit
 def _read_fwd_kernel(
-    q, k, g, states, u, o, scale, S, N,
+    q, k, g, states, u, o, attn, scale, S, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    LOW: tl.constexpr,
+    LOW: tl.constexpr, STORE_ATTN: tl.constexpr,
 ):
-    """Columns ``i_v`` of chunk ``i_c``'s outputs: ``O = scale * [(Q * exp(G)) S_n + Attn U_n]``."""
+    """Columns ``i_v`` of chunk ``i_c``'s outputs: ``O = scale * [(Q * exp(G)) S_n + Attn U_n]``; with
+    ``STORE_ATTN`` also ``Attn`` (``[C, C]``, in ``attn``'s dtype) for the backward walk."""
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     idx = i_bh.to(tl.int64) * N + i_c
@@ -601,45 +631,12 @@ def _read_fwd_kernel(
     b_g, _, _ = _chunk_gate(g, i_b, i_c, S, i_h, H, C)
     b_G = tl.cumsum(b_g, 0)
     b_attn = _dot(_as(b_q, LOW), tl.trans(b_k)) * _causal_decay(b_G, C)
+    if STORE_ATTN:
+        if i_v == 0:
+            _store(attn, idx, C, C, rc, rc, b_attn)
     b_o = _dot(_as(b_q * tl.exp(b_G)[:, None], LOW), _load(states, idx, K, V, ck, cv))
     b_o += _dot(_as(b_attn, LOW), _load(u, idx, C, V, rc, cv))
     _store_rows(o, scale * b_o, i_b, i_c, S, i_h, H, V, C, cv)
-
-
-@triton.jit
-def _read_bwd_kernel(
-    q, k, g, states, u, do, dq, dk, dg, du, scale, S, N,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    LOW: tl.constexpr,
-):
-    """Chunk ``i_c``'s gradients of queries, keys (the reads' share), log gates (the reads' share),
-    ``U``, walking the state's column blocks (the entering state's, ``Qd^T dO``, is formed in the
-    backward walk)."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    idx = i_bh.to(tl.int64) * N + i_c
-    rc, ck = tl.arange(0, C), tl.arange(0, BK)
-    b_q = _chunk_rows(q, i_b, i_c, S, i_h, H, K, C, ck)
-    b_k = _chunk_rows(k, i_b, i_c, S, i_h, H, K, C, ck)
-    b_g, offs, valid = _chunk_gate(g, i_b, i_c, S, i_h, H, C)
-    b_G = tl.cumsum(b_g, 0)
-    decay = _causal_decay(b_G, C)
-    b_attn = _dot(_as(b_q, LOW), tl.trans(b_k)) * decay
-    b_dqd = tl.zeros([C, BK], dtype=tl.float32)
-    b_dattn = tl.zeros([C, C], dtype=tl.float32)
-    for i_v in range(tl.cdiv(V, BV)):
-        cv = i_v * BV + tl.arange(0, BV)
-        b_do = _as(scale * _chunk_rows(do, i_b, i_c, S, i_h, H, V, C, cv), LOW)
-        b_dqd += _dot(b_do, _load_t(states, idx, K, V, ck, cv))
-        b_dattn += _dot(b_do, _load_t(u, idx, C, V, rc, cv))
-        _store(du, idx, C, V, rc, cv, _dot(_as(tl.trans(b_attn), LOW), b_do))
-    b_M = b_dattn * decay
-    b_dqd *= tl.exp(b_G)[:, None]
-    _store_rows(dq, b_dqd + _dot(_as(b_M, LOW), b_k), i_b, i_c, S, i_h, H, K, C, ck)
-    _store_rows(dk, _dot(_as(tl.trans(b_M), LOW), b_q), i_b, i_c, S, i_h, H, K, C, ck)
-    b_Z = b_dattn * b_attn
-    b_dG = tl.sum(b_q * b_dqd, 1) + tl.sum(b_Z, 1) - tl.sum(b_Z, 0)
-    tl.store(dg + offs, tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG, mask=valid)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -716,69 +713,59 @@ class ScanFunction(torch.autograd.Function):
         )
         del u0
         # the queries' reads
-        o = None
+        o = attn = None
         if q is not None:
             BV = min(BVs, READ_FWD_BV)
             o = torch.empty(B, S, H, V, dtype=dtype, device=dev)
+            store_attn = any(ctx.needs_input_grad[:6])
+            attn = torch.empty(B, H, N, C, C, dtype=mid, device=dev) if store_attn else None
             _read_fwd_kernel[(triton.cdiv(V, BV), N, B * H)](
-                q, k, g, states, u, o, scale, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low,
-                num_warps=READ_FWD_WARPS,
+                q, k, g, states, u, o, attn, scale, S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low,
+                STORE_ATTN=store_attn, num_warps=READ_FWD_WARPS,
             )
-        ctx.save_for_backward(q, k, v, beta, g, tinv, w, e, gamma, states, u, chunk_offsets)
+        ctx.save_for_backward(q, k, v, beta, g, tinv, w, e, gamma, states, u, attn, chunk_offsets)
         ctx.C, ctx.dtype, ctx.scale, ctx.h0_dtype, ctx.n_seq = C, dtype, scale, h0.dtype, n_seq
         ctx.set_materialize_grads(False)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, g, tinv, w, e, gamma, states, u, chunk_offsets = ctx.saved_tensors
+        q, k, v, beta, g, tinv, w, e, gamma, states, u, attn, chunk_offsets = ctx.saved_tensors
         B, S, H, K = k.shape
         V, C, N, n_seq = v.shape[-1], ctx.C, triton.cdiv(S, ctx.C), ctx.n_seq
         BK, BVs = _blocks(K, V, None)
         precise, low, mid = ctx.dtype == torch.float32, _LOW[ctx.dtype], _mid_dtype(ctx.dtype)
         dev = k.device
         f32 = dict(dtype=torch.float32, device=dev)
-        # the reads' backward: dq, the reads' shares of dk and dg, dU_n^out (dS_n^out: in the walk)
-        dq = dk_read = dg_read = du = None
-        if q is None:
-            do = None
-        if do is not None:
-            BV = min(BVs, READ_BWD_BV if low else READ_BWD_BV // 2)
-            do = do.contiguous()
-            dq, dk_read, dg_read = torch.empty_like(q), torch.empty_like(k, dtype=mid), torch.empty_like(g, **f32)
-            du = torch.empty(u.shape, dtype=mid, device=dev)
-            _read_bwd_kernel[(N, B * H)](
-                q, k, g, states, u, do, dq, dk_read, dg_read, du, ctx.scale, S, N,
-                H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, num_warps=READ_BWD_WARPS,
-            )
-        # the reverse walk
+        do = None if q is None or do is None else do.contiguous()
+        # the reverse walk, forming the reads' dU_n^out and dS_n^out
         du0, dnext = torch.empty(B, H, N, C, V, dtype=mid, device=dev), torch.empty(B, H, N, K, V, dtype=mid, device=dev)
         dh0 = torch.empty(n_seq, H, K, V, **f32)
         dht = None if dht is None else dht.contiguous()
         BV, stages = _walk_launch(K, V, n_seq * H, ctx.dtype, dev, backward=True)
         _bwd_kernel[(triton.cdiv(V, BV), n_seq * H)](
-            w, e, gamma, q, g, do, du, dht, du0, dnext, dh0, chunk_offsets, ctx.scale, S, N,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, HAS_DO=do is not None, HAS_DU=du is not None,
-            HAS_DHT=dht is not None, IS_VARLEN=chunk_offsets is not None, num_warps=NUM_WARPS,
-            num_stages=stages,
+            w, e, gamma, q, g, do, attn, dht, du0, dnext, dh0, chunk_offsets, ctx.scale, S, N,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, HAS_DO=do is not None, HAS_DHT=dht is not None,
+            IS_VARLEN=chunk_offsets is not None, num_warps=NUM_WARPS, num_stages=stages,
         )
-        del du
-        # dW, dE, dgamma of every chunk, then within chunks, adding the reads' share of dk
+        # dW, dE, dgamma of every chunk and the reads' dq and shares of dk, dg; then within chunks
         BD = min(BK, GRAD_BK)
+        NKB = triton.cdiv(K, BD)
         dw, de = torch.empty_like(w), torch.empty_like(w)
-        dgamma = torch.empty(B, H, N, triton.cdiv(K, BD), **f32)
-        _state_grads_kernel[(triton.cdiv(K, BD), N, B * H)](
-            states, u, du0, dnext, dw, de, dgamma, N, K=K, V=V, C=C, BD=BD, BV=min(BVs, GRAD_BV), LOW=low,
-            num_warps=GRAD_WARPS, num_stages=GRAD_STAGES,
+        dgamma = torch.empty(B, H, N, NKB, **f32)
+        dq = dk_read = dg_read = None
+        if do is not None:
+            dq, dk_read, dg_read = torch.empty_like(q), torch.empty_like(k, dtype=mid), torch.empty(B, S, H, NKB, **f32)
+        _grads_kernel[(NKB, N, B * H)](
+            q, k, g, states, u, do, du0, dnext, dq, dk_read, dg_read, dw, de, dgamma, ctx.scale, S, N,
+            H=H, K=K, V=V, C=C, BD=BD, BV=min(BVs, GRAD_BV[mid.itemsize]), LOW=low, HAS_DO=do is not None,
+            num_warps=GRAD_WARPS, num_stages=GRAD_STAGES[mid.itemsize],
         )
-        dk, dv, dbeta = (torch.empty_like(t) for t in (k, v, beta))
-        dg = torch.empty_like(g, **f32) if dg_read is not None else torch.empty_like(g)
-        _solve_bwd_kernel[(N, B * H)](k, v, beta, g, tinv, dw, de, dgamma, du0, dk_read, dk, dv, dbeta, dg, S, N,
-                                      H=H, K=K, V=V, C=C, BK=BK, BV=BVs, BD=min(BK, BVs, SOLVE_BWD_BD[mid.itemsize]),
-                                      NKB=dgamma.shape[-1], PRECISE=precise, HAS_DK_IN=dk_read is not None,
-                                      num_warps=SOLVE_BWD_WARPS, num_stages=SOLVE_BWD_STAGES)
-        if dg_read is not None:
-            dg = (dg + dg_read).to(g.dtype)
+        dk, dv, dbeta, dg = (torch.empty_like(t) for t in (k, v, beta, g))
+        _solve_bwd_kernel[(N, B * H)](k, v, beta, g, tinv, dw, de, dgamma, du0, dk_read, dg_read, dk, dv, dbeta, dg,
+                                      S, N, H=H, K=K, V=V, C=C, BK=BK, BV=BVs,
+                                      BD=min(BK, BVs, SOLVE_BWD_BD[mid.itemsize]), NKB=NKB, PRECISE=precise,
+                                      HAS_READS=do is not None, num_warps=SOLVE_BWD_WARPS, num_stages=SOLVE_BWD_STAGES)
         return dq, dk, dv, dbeta, dg, dh0.to(ctx.h0_dtype), None, None, None, None
 
 
