@@ -79,10 +79,11 @@ WALK_STAGES = {2: (2, 2), 4: (2, 1)}
 # 9.48 -> 9.02: delta_configs_5eaedab.log), float32 as the others (3 stages take 224 KB of shared
 # memory and spill)
 FEW_WALK_BV = (32, 16)
+FEW_WALKS_BELOW = None  # walks are few below this many programs at FWD_BV / BWD_BV columns (None: the SMs)
 FEW_WALK_STAGES = {2: (3, 2), 4: (2, 1)}
 # dW, dE, dgamma and the reads' gradients (_grads_kernel): key columns per program, warps; state
 # columns at a time and stages by the products' operand size
-GRAD_BK, GRAD_WARPS = 64, 8
+GRAD_BK, GRAD_WARPS = 64, 4
 GRAD_BV, GRAD_STAGES = {2: 64, 4: 32}, {2: 3, 4: 2}
 # within chunks: key and value columns at a time of the forward (SOLVE_BD); the backward took 2.9 ms at 4 warps and 1 stage,
 # 3.9 at 8 and 3 (H100, T = 8K, sweep_solve_delta_257c64c.log)
@@ -97,6 +98,7 @@ SOLVE_BWD_BD = {2: 64, 4: 32}
 # sums within the warp: the forward 2.44 ms at 8K against 2.69 with 2 warps, 3.23 with 4 (H100,
 # bf16, delta_inverse_registers.log)
 INVERSE_BD, INVERSE_WARPS, INVERSE_STAGES = 64, 1, 3
+DU_BV = 64  # dU^out's columns at a time (_du_kernel)
 READ_FWD_BV, READ_FWD_WARPS = 128, 4  # 0.88 ms against 0.99 at 64 (same sweep)
 _LOW = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' LOW: products' operand dtype
 
@@ -183,15 +185,16 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    w, e, gamma, q, g, do, attn, dht, du0, dnext, dh0, chunk_offsets, scale, S, N,
+    w, e, gamma, q, g, do, attn, du, dht, du0, dnext, dh0, chunk_offsets, scale, S, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    LOW: tl.constexpr, HAS_DO: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    LOW: tl.constexpr, HAS_DO: tl.constexpr, HAS_DU: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """Columns ``i_v`` of one sequence and head, walking its chunks backward: ``dU0_n`` and the
-    gradient of each chunk's leaving state ``dS_{n+1}`` (into ``dnext``), then ``dS_0``. The reads'
-    ``dU_n^out = scale * Attn^T dO`` (``Attn`` stored by the forward's reads) and ``dS_n^out =
-    scale * (Q * exp(G))^T dO`` are formed here from ``attn, q, g, do`` (``HAS_DO``); the latter at 32
-    columns or fewer as ``Q^T (scale * exp(G) * dO)``, the gate scaling the narrow tile."""
+    gradient of each chunk's leaving state ``dS_{n+1}`` (into ``dnext``), then ``dS_0``. With
+    ``HAS_DO`` the reads' gradients enter: ``dU_n^out = scale * Attn^T dO``, read from ``du``
+    (``HAS_DU``, :func:`_du_kernel`) or formed here from ``Attn`` (stored by the forward's reads),
+    and ``dS_n^out = scale * (Q * exp(G))^T dO``, formed here from ``q, g, do``; at 32 columns or
+    fewer as ``Q^T (scale * exp(G) * dO)``, the gate scaling the narrow tile."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     b, c0, c1 = _chunk_range(i_n, chunk_offsets, N, IS_VARLEN)
@@ -207,7 +210,10 @@ def _bwd_kernel(
         b_du = _dot(_as(_load(e, idx, C, K, rc, ck), LOW), b_dS)  # [C, BV]
         if HAS_DO:
             b_do = scale * _chunk_rows(do, b, c, S, i_h, H, V, C, cv)
-            b_du += _dot(_as(_load_t(attn, idx, C, C, rc, rc), LOW), _as(b_do, LOW))
+            if HAS_DU:
+                b_du += _load(du, idx, C, V, rc, cv).to(tl.float32)
+            else:
+                b_du += _dot(_as(_load_t(attn, idx, C, C, rc, rc), LOW), _as(b_do, LOW))
         _store(du0, idx, C, V, rc, cv, b_du)
         b_dS = tl.load(gamma + idx) * b_dS - _dot(_as(_load_t(w, idx, C, K, rc, ck), LOW), b_du)
         if HAS_DO:
@@ -219,6 +225,20 @@ def _bwd_kernel(
                 b_qt = b_qt.to(tl.float32) * tl.exp(tl.cumsum(b_g, 0))[None, :]
             b_dS += _dot(_as(b_qt, LOW), _as(b_do, LOW))
     _store(dh0, i_nh.to(tl.int64), K, V, ck, cv, b_dS)
+
+
+@triton.jit
+def _du_kernel(
+    attn, do, du, scale, S, N,
+    H: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, LOW: tl.constexpr,
+):
+    """Columns ``i_v`` of chunk ``i_c``'s ``dU^out = scale * Attn^T dO`` (``[C, BV]``, in ``du``'s dtype)."""
+    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    idx = i_bh.to(tl.int64) * N + i_c
+    rc, cv = tl.arange(0, C), i_v * BV + tl.arange(0, BV)
+    b_do = _as(scale * _chunk_rows(do, i_b, i_c, S, i_h, H, V, C, cv), LOW)
+    _store(du, idx, C, V, rc, cv, _dot(_as(_load_t(attn, idx, C, C, rc, rc), LOW), b_do))
 
 
 @triton.jit
@@ -662,16 +682,21 @@ def _columns(BK: int, BV: int) -> int:
     return max(BV, min(BK, 64))
 
 
-def _walk_launch(K: int, V: int, walks: int, dtype: torch.dtype, device: torch.device, backward: bool) -> tuple[int, int]:
-    """State columns per program and pipeline stages of the forward (``backward``: reverse) walk over
-    ``walks`` sequences x heads: ``FWD_BV`` (``BWD_BV``) columns at ``WALK_STAGES``, or, when those
-    programs leave SMs idle, ``FEW_WALK_BV`` columns at ``FEW_WALK_STAGES``."""
+def _walk_launch(
+    K: int, V: int, walks: int, dtype: torch.dtype, device: torch.device, backward: bool,
+) -> tuple[int, int, bool]:
+    """State columns per program, pipeline stages of the forward (``backward``: reverse) walk over
+    ``walks`` sequences x heads, and whether its programs are few: ``FWD_BV`` (``BWD_BV``) columns
+    at ``WALK_STAGES``, or, when those programs leave SMs idle (``FEW_WALKS_BELOW``),
+    ``FEW_WALK_BV`` columns at ``FEW_WALK_STAGES``."""
     _, BV = _blocks(K, V, BWD_BV if backward else FWD_BV)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+    below = FEW_WALKS_BELOW
+    if below is None:
+        below = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
     size = _mid_dtype(dtype).itemsize
-    if triton.cdiv(V, BV) * walks >= sms:
-        return BV, WALK_STAGES[size][backward]
-    return min(BV, FEW_WALK_BV[backward]), FEW_WALK_STAGES[size][backward]
+    if triton.cdiv(V, BV) * walks >= below:
+        return BV, WALK_STAGES[size][backward], False
+    return min(BV, FEW_WALK_BV[backward]), FEW_WALK_STAGES[size][backward], True
 
 
 def _mid_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -702,7 +727,7 @@ class ScanFunction(torch.autograd.Function):
                                       BD=min(BK, BVs, SOLVE_BD), PRECISE=precise, num_warps=SOLVE_FWD_WARPS,
                                       num_stages=SOLVE_FWD_STAGES)
         # across chunks
-        BV, stages = _walk_launch(K, V, n_seq * H, dtype, dev, backward=False)
+        BV, stages, _ = _walk_launch(K, V, n_seq * H, dtype, dev, backward=False)
         states = torch.empty(B, H, N, K, V, dtype=mid, device=dev)
         u = torch.empty(B, H, N, C, V, dtype=mid, device=dev)
         ht = torch.empty(n_seq, H, K, V, **f32)
@@ -738,16 +763,23 @@ class ScanFunction(torch.autograd.Function):
         dev = k.device
         f32 = dict(dtype=torch.float32, device=dev)
         do = None if q is None or do is None else do.contiguous()
-        # the reverse walk, forming the reads' dU_n^out and dS_n^out
+        # the reverse walk, forming the reads' dS_n^out, and dU_n^out unless its programs are few
+        # (H100, bf16, 32K: at 16 columns per program the walk took 2.12 ms forming it, 1.60 reading it)
+        BV, stages, few = _walk_launch(K, V, n_seq * H, ctx.dtype, dev, backward=True)
+        du = None
+        if do is not None and few:
+            du = torch.empty(B, H, N, C, V, dtype=mid, device=dev)
+            BVd = min(BVs, DU_BV)
+            _du_kernel[(triton.cdiv(V, BVd), N, B * H)](attn, do, du, ctx.scale, S, N, H=H, V=V, C=C, BV=BVd, LOW=low)
         du0, dnext = torch.empty(B, H, N, C, V, dtype=mid, device=dev), torch.empty(B, H, N, K, V, dtype=mid, device=dev)
         dh0 = torch.empty(n_seq, H, K, V, **f32)
         dht = None if dht is None else dht.contiguous()
-        BV, stages = _walk_launch(K, V, n_seq * H, ctx.dtype, dev, backward=True)
         _bwd_kernel[(triton.cdiv(V, BV), n_seq * H)](
-            w, e, gamma, q, g, do, attn, dht, du0, dnext, dh0, chunk_offsets, ctx.scale, S, N,
-            H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, HAS_DO=do is not None, HAS_DHT=dht is not None,
-            IS_VARLEN=chunk_offsets is not None, num_warps=NUM_WARPS, num_stages=stages,
+            w, e, gamma, q, g, do, attn, du, dht, du0, dnext, dh0, chunk_offsets, ctx.scale, S, N,
+            H=H, K=K, V=V, C=C, BK=BK, BV=BV, LOW=low, HAS_DO=do is not None, HAS_DU=du is not None,
+            HAS_DHT=dht is not None, IS_VARLEN=chunk_offsets is not None, num_warps=NUM_WARPS, num_stages=stages,
         )
+        del du
         # dW, dE, dgamma of every chunk and the reads' dq and shares of dk, dg; then within chunks
         BD = min(BK, GRAD_BK)
         NKB = triton.cdiv(K, BD)

@@ -61,7 +61,7 @@ def _outputs_and_grads(case: dict, x: dict, backend: str, cot: dict) -> dict[str
 def run_case(case: dict) -> dict[str, float]:
     """Relative errors of the triton backend against the float64 reference, per output and gradient
     (per output for the single-token steps)."""
-    from seqmix.kernels import gla_chunk
+    from seqmix.kernels import delta_chunk, gla_chunk
 
     if case["op"].endswith("step"):
         return _run_step(case)
@@ -74,15 +74,17 @@ def run_case(case: dict) -> dict[str, float]:
     want = _outputs_and_grads(case, x64, "reference", cot)
     target = gla_chunk.TARGET_PROGRAMS
     gla_chunk.TARGET_PROGRAMS = case.get("target_programs", target)
-    constants = {name: getattr(gla_chunk, name) for name in case.get("gla_constants", {})}  # launch shapes
-    for name, value in case.get("gla_constants", {}).items():
-        setattr(gla_chunk, name, value)
+    modules = {"gla_constants": gla_chunk, "delta_constants": delta_chunk}  # launch shapes
+    saved = [(m, name, getattr(m, name)) for key, m in modules.items() for name in case.get(key, {})]
+    for key, m in modules.items():
+        for name, value in case.get(key, {}).items():
+            setattr(m, name, value)
     try:
         got = _outputs_and_grads(case, x, "triton", cot)
     finally:
         gla_chunk.TARGET_PROGRAMS = target
-        for name, value in constants.items():
-            setattr(gla_chunk, name, value)
+        for m, name, value in saved:
+            setattr(m, name, value)
     dtypes = {"o": dtype, "final_state": torch.float32} | {f"d{n}": t.dtype for n, t in x.items() if t is not None}
     errors = {}
     for name, ref in want.items():

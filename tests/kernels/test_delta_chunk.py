@@ -1,6 +1,6 @@
 """Triton delta rule (run under the interpreter) = the float64 reference: outputs, final states and
 every gradient (q, k, v, beta, g, initial state), with and without a gate, in every pattern, on odd
-lengths, several column blocks and packed sequences (float16 cases: the intermediates stored in
+lengths, several column blocks, packed sequences, few walks (float16 cases: the intermediates stored in
 float16); and backward passes that need only the outputs' or only the final state's gradients, or
 repeat (the keys' gradient has a share from the reads and one from the solve)."""
 
@@ -30,6 +30,11 @@ CASES["NS-head-fp16"] = dict(op="delta", pattern="NS", gate="head", T=33, dtype=
 CASES["CS-head-fp16-two-column-blocks"] = dict(op="delta", pattern="CS", gate="head", T=37, V=80, dtype="float16")
 CASES["varlen-head-fp16"] = dict(op="delta", pattern="CS", gate="head", T=0, cu=[0, 1, 9, 40, 45], dtype="float16")
 CASES["NC-head-fp16"] = dict(op="delta", pattern="NC", gate="head", T=33, dtype="float16", seed=3)
+# walks too few for the SMs (long sequences on a GPU): narrower walks, dU^out formed before the reverse walk
+FEW = dict(FEW_WALKS_BELOW=2**31)
+CASES["CS-head-few-walks"] = dict(op="delta", pattern="CS", gate="head", T=37, V=80, dtype="float32", delta_constants=FEW)
+CASES["varlen-head-few-walks-fp16"] = dict(op="delta", pattern="CS", gate="head", T=0, cu=[0, 1, 9, 40, 45],
+                                           dtype="float16", delta_constants=FEW)
 TOL = {"float32": 1e-5, "float16": 3e-3}
 
 
