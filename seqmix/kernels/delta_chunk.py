@@ -249,19 +249,22 @@ def _grads_kernel(
     LOW: tl.constexpr, HAS_DO: tl.constexpr,
 ):
     """Chunk ``i_c`` of batch and head ``i_bh``, key columns ``[i_k BD, (i_k + 1) BD)``, summing over
-    the state's columns ``BV`` at a time, each tile of ``S_n``, ``U_n`` read once:
+    the state's columns ``BV`` at a time, each tile of ``S_n``, ``U_n`` read once and used only as
+    products' operands (a loaded tile also read in registers gave wrong, run-dependent results at
+    2-3 stages on the H100 with Triton 3.6; triton-lang/triton#6691):
     ``dW = -dU0 S_n^T`` and ``dE = U dS_{n+1}^T`` (``[C, BD]``, stored in ``dw``'s and ``de``'s dtype)
-    and those columns' share of ``dgamma = <S_n, dS_{n+1}>`` (``dgamma [B, H, N, NKB]`` float32,
+    and those columns' share of ``dgamma = <S_n, dS_{n+1}> = trace(S_n dS_{n+1}^T)`` (``dgamma [B, H, N, NKB]`` float32,
     ``NKB = cdiv(K, BD)``); with ``HAS_DO`` the reads' gradients: ``dQd = dO S_n^T``, ``dAttn = dO
     U_n^T``, ``M = dAttn * exp(G_i - G_j) [j <= i]``, ``dq = dQd * exp(G) + M K``, the reads' share of
     ``dk = M^T Q`` and these columns' share of the reads' ``dg`` (``dg [B, S, H, NKB]`` float32)."""
     i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     idx = i_bh.to(tl.int64) * N + i_c
-    rc, ck = tl.arange(0, C), i_k * BD + tl.arange(0, BD)
+    rc, rk = tl.arange(0, C), tl.arange(0, BD)
+    ck = i_k * BD + rk
     b_dw = tl.zeros([C, BD], dtype=tl.float32)
     b_de = tl.zeros([C, BD], dtype=tl.float32)
-    b_dgamma = tl.zeros([BD], dtype=tl.float32)
+    b_sds = tl.zeros([BD, BD], dtype=tl.float32)  # S_n dS_{n+1}^T over these key columns: dgamma its trace
     b_dqd = tl.zeros([C, BD], dtype=tl.float32)
     b_dattn = tl.zeros([C, C], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
@@ -271,7 +274,7 @@ def _grads_kernel(
         b_u = _as(_load(u, idx, C, V, rc, cv), LOW)
         b_dw -= _dot(_as(_load(du0, idx, C, V, rc, cv), LOW), b_St)
         b_de += _dot(b_u, b_dnt)
-        b_dgamma += tl.sum(b_St.to(tl.float32) * b_dnt.to(tl.float32), 0)
+        b_sds += _dot(tl.trans(b_St), b_dnt)
         if HAS_DO:
             b_do = _as(scale * _chunk_rows(do, i_b, i_c, S, i_h, H, V, C, cv), LOW)
             b_dqd += _dot(b_do, b_St)
@@ -279,7 +282,8 @@ def _grads_kernel(
     _store(dw, idx, C, K, rc, ck, b_dw)
     _store(de, idx, C, K, rc, ck, b_de)
     NKB = tl.num_programs(0)
-    tl.store(dgamma + idx * NKB + i_k, tl.sum(b_dgamma, 0))
+    b_dgamma = tl.sum(tl.sum(tl.where(rk[:, None] == rk[None, :], b_sds, 0.0), 1), 0)
+    tl.store(dgamma + idx * NKB + i_k, b_dgamma)
     if HAS_DO:
         b_q = _chunk_rows(q, i_b, i_c, S, i_h, H, K, C, ck)
         b_k = _chunk_rows(k, i_b, i_c, S, i_h, H, K, C, ck)
