@@ -250,8 +250,9 @@ def _grads_kernel(
 ):
     """Chunk ``i_c`` of batch and head ``i_bh``, key columns ``[i_k BD, (i_k + 1) BD)``, summing over
     the state's columns ``BV`` at a time, each tile of ``S_n``, ``U_n`` read once and used only as
-    products' operands (a loaded tile also read in registers gave wrong, run-dependent results at
-    2-3 stages on the H100 with Triton 3.6; triton-lang/triton#6691):
+    products' operands (with ``dgamma`` summed from the tiles in registers instead, ``dq`` differed
+    from run to run at 3 stages and was wrong at 2 on the H100 with Triton 3.6, the pattern of
+    triton-lang/triton#6691):
     ``dW = -dU0 S_n^T`` and ``dE = U dS_{n+1}^T`` (``[C, BD]``, stored in ``dw``'s and ``de``'s dtype)
     and those columns' share of ``dgamma = <S_n, dS_{n+1}> = trace(S_n dS_{n+1}^T)`` (``dgamma [B, H, N, NKB]`` float32,
     ``NKB = cdiv(K, BD)``); with ``HAS_DO`` the reads' gradients: ``dQd = dO S_n^T``, ``dAttn = dO
