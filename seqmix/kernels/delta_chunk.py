@@ -82,10 +82,11 @@ FEW_WALK_BV = (32, 16)
 FEW_WALKS_BELOW = None  # walks are few below this many programs at FWD_BV / BWD_BV columns (None: the SMs)
 FEW_WALK_STAGES = {2: (3, 2), 4: (2, 1)}
 # dW, dE, dgamma and the reads' gradients (_grads_kernel): key columns per program; state columns at
-# a time, stages and warps by the products' operand size (H100, bf16, fwd+bwd at 8K 5.85 ms at 4
-# warps, 6.45 at 8; float32 at 4 warps spills 1 KB on sm_90)
+# a time, stages and warps by the products' operand size (H100, bf16, fwd+bwd at 8K: 5.83 ms at 4
+# warps and 2 stages, 6.45 at 3 stages (120 KB of shared memory), 6.43 at 8 warps; float32 at 4
+# warps spills 1 KB on sm_90)
 GRAD_BK = 64
-GRAD_BV, GRAD_STAGES, GRAD_WARPS = {2: 64, 4: 32}, {2: 3, 4: 2}, {2: 4, 4: 8}
+GRAD_BV, GRAD_STAGES, GRAD_WARPS = {2: 64, 4: 32}, {2: 2, 4: 2}, {2: 4, 4: 8}
 # within chunks: key and value columns at a time of the forward (SOLVE_BD); the backward took 2.9 ms at 4 warps and 1 stage,
 # 3.9 at 8 and 3 (H100, T = 8K, sweep_solve_delta_257c64c.log)
 # 3 stages since its products are 16-bit (fwd+bwd 6.40 against 6.46 ms at 2, configs_delta_Vd.log)
