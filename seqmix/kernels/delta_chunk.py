@@ -29,24 +29,26 @@ in reverse with the state gradient ``dS`` in registers (``dS = dS_{n+1}`` on ent
     dgamma_n = <S_n, dS_{n+1}>
     dS_n     = gamma_n dS_{n+1} - W_n^T dU_n + dS_n^out
 
-One program owns a block of state columns of one sequence and head; ``dS_n^out`` (below) is
-formed in the walk from the queries, gates and ``dO``; the walk stores every ``dS_{n+1}`` and
-``dU0_n``. ``dW``, ``dE`` and ``dgamma`` (sums over all state columns) are then formed from those,
-the entering states and ``U`` by ``_state_grads_kernel`` (one program per chunk, head and block
-of key columns; ``dgamma`` as one share per key block) and read by the within-chunk backward.
+One program owns a block of state columns of one sequence and head; the reads' ``dS_n^out`` and
+``dU_n^out`` (below) are formed in the walk from the queries, gates, ``dO`` and the forward's
+``Attn`` (with fewer walks than SMs, ``dU^out`` by ``_du_kernel`` before it); the walk stores every
+``dS_{n+1}`` and ``dU0_n``. ``dW``, ``dE`` and ``dgamma`` (sums over all state columns) are then
+formed from those, the entering states and ``U`` by ``_grads_kernel`` (one program per chunk, head
+and block of key columns; ``dgamma`` as one share per key block), which reads each tile of ``S_n``
+and ``U_n`` once for the reads' gradients too; the within-chunk backward reads them all.
 
-The queries' reads (``_read_fwd_kernel``, one program per chunk and head), with
-``Attn = (Q K^T) * exp(G_i - G_j) [j <= i]`` and ``Qd = Q * exp(G)``::
+The queries' reads (``_read_fwd_kernel``, one program per chunk and head; it stores ``Attn`` for
+the backward), with ``Attn = (Q K^T) * exp(G_i - G_j) [j <= i]`` and ``Qd = Q * exp(G)``::
 
     O_n = Qd S_n + Attn U_n
     dS_n^out = Qd^T dO,  dU_n^out = Attn^T dO,  dQd = dO S_n^T,  dAttn = dO U_n^T
 
 Layout: inputs ``[B, S, H, D]`` as the ops; chunk-major ``[B, H, N, C, D]`` (contiguous) for
-``W, U0, E``, ``T [B, H, N, C, C]``, ``gamma [B, H, N]``, states ``[B, H, N, K, V]``. The three parts run under one autograd
+``W, U0, E``, ``T, Attn [B, H, N, C, C]``, ``gamma [B, H, N]``, states ``[B, H, N, K, V]``. The three parts run under one autograd
 node (:func:`scan_chunks`), so the intermediates never meet autograd: for bfloat16 / float16
-inputs ``T, W, U0, E``, the entering states, ``U`` and the leaving states' gradients (read only as
+inputs ``T, W, U0, E, Attn``, the entering states, ``U`` and the leaving states' gradients (read only as
 products' operands, cast to the inputs' dtype there) are stored in that dtype, and so are the
-gradients ``dU^out``, ``dU0`` and the reads' share of ``dk`` (rounded once more: in a CPU replay
+gradients ``dU0``, ``dU^out`` where it is stored and the reads' share of ``dk`` (rounded once more: in a CPU replay
 with round-to-nearest bf16, dv and dbeta errors rise ~20 %, dk ~10 %) and ``dW``, ``dE`` (the
 GPU check at D = 128 unchanged by them: bf16 worst 6.2e-3; ``T`` and ``U0`` in bf16 took the
 gates' gradient from 3.4e-3 to 4.0e-3 at worst); ``gamma`` stays float32, and float32 inputs keep
