@@ -405,22 +405,6 @@ def _strict_decay(G, C: tl.constexpr):
 
 
 @triton.jit
-def _sub_gate(p, i_b, i_c, s, S, i_h, H: tl.constexpr, C: tl.constexpr):
-    """Rows ``[16 s, 16 s + 16)`` of chunk ``i_c`` of a ``[B, S, H]`` tensor: ``[16]`` float32, zeros past ``S``."""
-    t = i_c * C + s * 16 + tl.arange(0, 16)
-    return tl.load(p + (i_b.to(tl.int64) * S + t) * H + i_h, mask=t < S, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _sub_rows(p, i_b, i_c, s, S, i_h, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, c0, BD: tl.constexpr):
-    """Rows ``[16 s, 16 s + 16)``, columns ``[c0, c0 + BD)`` of chunk ``i_c`` of a ``[B, S, H, D]`` tensor
-    in its stored dtype, zeros outside."""
-    t, cols = i_c * C + s * 16 + tl.arange(0, 16), c0 + tl.arange(0, BD)
-    p = p + (i_b.to(tl.int64) * S + t[:, None]) * (H * D) + i_h * D + cols[None, :]
-    return tl.load(p, mask=(t < S)[:, None] & (cols < D)[None, :], other=0.0)
-
-
-@triton.jit
 def _decayed(P, beta_i, G_i, G_j, STRICT: tl.constexpr):
     """Block ``(i, j)`` of ``A``: ``beta_i exp(G_i - G_j) P`` (``P`` the block of ``K K^T``), strictly lower if ``STRICT``."""
     r = tl.arange(0, 16)
@@ -465,20 +449,21 @@ def _inverse_kernel(
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     p_t = tinv + (i_bh.to(tl.int64) * N + i_c) * (C * C)
-    g0 = _sub_gate(g, i_b, i_c, 0, S, i_h, H, C)
-    G0, b0 = tl.cumsum(g0, 0), _sub_gate(beta, i_b, i_c, 0, S, i_h, H, C)
+    blk = i_c * NB  # the chunk's first block of 16 rows, as a chunk of 16 tokens
+    g0 = _chunk_gate(g, i_b, blk, S, i_h, H, 16)[0]
+    G0, b0 = tl.cumsum(g0, 0), _chunk_gate(beta, i_b, blk, S, i_h, H, 16)[0]
     P00 = tl.zeros([16, 16], dtype=tl.float32)
     if NB > 1:
-        g1 = _sub_gate(g, i_b, i_c, 1, S, i_h, H, C)
-        G1, b1 = tl.cumsum(g1, 0) + tl.sum(g0, 0), _sub_gate(beta, i_b, i_c, 1, S, i_h, H, C)
+        g1 = _chunk_gate(g, i_b, blk + 1, S, i_h, H, 16)[0]
+        G1, b1 = tl.cumsum(g1, 0) + tl.sum(g0, 0), _chunk_gate(beta, i_b, blk + 1, S, i_h, H, 16)[0]
         P10 = tl.zeros([16, 16], dtype=tl.float32)
         P11 = tl.zeros([16, 16], dtype=tl.float32)
     if NB > 2:
-        g2 = _sub_gate(g, i_b, i_c, 2, S, i_h, H, C)
-        g3 = _sub_gate(g, i_b, i_c, 3, S, i_h, H, C)
+        g2 = _chunk_gate(g, i_b, blk + 2, S, i_h, H, 16)[0]
+        g3 = _chunk_gate(g, i_b, blk + 3, S, i_h, H, 16)[0]
         G2 = tl.cumsum(g2, 0) + tl.sum(g0, 0) + tl.sum(g1, 0)
         G3 = tl.cumsum(g3, 0) + tl.sum(g0, 0) + tl.sum(g1, 0) + tl.sum(g2, 0)
-        b2, b3 = _sub_gate(beta, i_b, i_c, 2, S, i_h, H, C), _sub_gate(beta, i_b, i_c, 3, S, i_h, H, C)
+        b2, b3 = _chunk_gate(beta, i_b, blk + 2, S, i_h, H, 16)[0], _chunk_gate(beta, i_b, blk + 3, S, i_h, H, 16)[0]
         P20 = tl.zeros([16, 16], dtype=tl.float32)
         P21 = tl.zeros([16, 16], dtype=tl.float32)
         P22 = tl.zeros([16, 16], dtype=tl.float32)
@@ -487,15 +472,15 @@ def _inverse_kernel(
         P32 = tl.zeros([16, 16], dtype=tl.float32)
         P33 = tl.zeros([16, 16], dtype=tl.float32)
     for c0 in tl.static_range(0, BK, BD):
-        k0 = _sub_rows(k, i_b, i_c, 0, S, i_h, H, K, C, c0, BD)
+        k0 = _get_raw(_rows_at(k, i_b, blk, S, i_h, H, K, 16, c0, BD))
         P00 += _gram(k0, PRECISE)
         if NB > 1:
-            k1 = _sub_rows(k, i_b, i_c, 1, S, i_h, H, K, C, c0, BD)
+            k1 = _get_raw(_rows_at(k, i_b, blk + 1, S, i_h, H, K, 16, c0, BD))
             P10 += _pair(k1, k0, PRECISE)
             P11 += _gram(k1, PRECISE)
         if NB > 2:
-            k2 = _sub_rows(k, i_b, i_c, 2, S, i_h, H, K, C, c0, BD)
-            k3 = _sub_rows(k, i_b, i_c, 3, S, i_h, H, K, C, c0, BD)
+            k2 = _get_raw(_rows_at(k, i_b, blk + 2, S, i_h, H, K, 16, c0, BD))
+            k3 = _get_raw(_rows_at(k, i_b, blk + 3, S, i_h, H, K, 16, c0, BD))
             P20 += _pair(k2, k0, PRECISE)
             P21 += _pair(k2, k1, PRECISE)
             P22 += _gram(k2, PRECISE)
