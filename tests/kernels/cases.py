@@ -72,8 +72,6 @@ def run_case(case: dict) -> dict[str, float]:
     x64 = {n: (t.double() if t is not None else None) for n, t in x.items()}
     cot = {"o": _randn(gen, *x["q"].shape[:3], x["v"].shape[-1]), "state": _randn(gen, *x["initial_state"].shape)}
     want = _outputs_and_grads(case, x64, "reference", cot)
-    target = gla_chunk.TARGET_PROGRAMS
-    gla_chunk.TARGET_PROGRAMS = case.get("target_programs", target)
     modules = {"gla_constants": gla_chunk, "delta_constants": delta_chunk}  # launch shapes
     saved = [(m, name, getattr(m, name)) for key, m in modules.items() for name in case.get(key, {})]
     for key, m in modules.items():
@@ -82,7 +80,6 @@ def run_case(case: dict) -> dict[str, float]:
     try:
         got = _outputs_and_grads(case, x, "triton", cot)
     finally:
-        gla_chunk.TARGET_PROGRAMS = target
         for m, name, value in saved:
             setattr(m, name, value)
     dtypes = {"o": dtype, "final_state": torch.float32} | {f"d{n}": t.dtype for n, t in x.items() if t is not None}

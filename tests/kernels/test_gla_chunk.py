@@ -1,6 +1,6 @@
 """Triton GLA kernels (run under the interpreter) = the float64 reference: outputs, final states
 and every gradient, per-head, per-channel and no gate, in every pattern, chunk-parallel (the default
-at these sizes: sequences x heads < TARGET_PROGRAMS) and as walks (``target_programs=1``, gate per
+at these sizes: sequences x heads < TARGET_PROGRAMS) and as walks (``WALK``: ``TARGET_PROGRAMS = 1``, gate per
 head or none), as walks per segment (gate per head or none, causal), packed; per-channel gates in chunks of 16 (one sub-chunk), 32 and 64 (sub-chunks of 16)."""
 
 from __future__ import annotations
@@ -19,24 +19,25 @@ for gate in ("none", "head", "channel"):
         CASES[f"{pattern}-{gate}-T{T}"] = dict(op="gla", pattern=pattern, gate=gate, T=T, dtype="float32", seed=3)
     if gate != "channel":
         CASES[f"varlen-{gate}"] = dict(op="gla", pattern="CS", gate=gate, T=0, cu=[0, 1, 9, 80, 90], dtype="float32")
+WALK = dict(TARGET_PROGRAMS=1)  # the walks at any size
 for gate in ("none", "head"):  # one program per sequence and head walks the chunks
-    CASES[f"CS-{gate}-walk"] = dict(op="gla", pattern="CS", gate=gate, T=80, dtype="float32", target_programs=1)
+    CASES[f"CS-{gate}-walk"] = dict(op="gla", pattern="CS", gate=gate, T=80, dtype="float32", gla_constants=WALK)
     CASES[f"varlen-{gate}-walk"] = dict(op="gla", pattern="CS", gate=gate, T=0, cu=[0, 1, 9, 80, 90], dtype="float32",
-                                        target_programs=1)
-CASES["NS-head-walk"] = dict(op="gla", pattern="NS", gate="head", T=150, dtype="float32", target_programs=1)
+                                        gla_constants=WALK)
+CASES["NS-head-walk"] = dict(op="gla", pattern="NS", gate="head", T=150, dtype="float32", gla_constants=WALK)
 # the backward walks' roles in launches of their own (dk's gate-gradient slots after dq's): the apart
 # groups with two blocks of state rows (K = 80); two groups, per-head gate, noncausal cross; two groups
 # in place of the one launch, no gate
 APART = dict(BWD_APART=(0, 2**31))
 CASES["CS-head-walk-apart"] = dict(op="gla", pattern="CS", gate="head", T=80, K=80, dtype="float32",
-                                   target_programs=1, gla_constants=APART)
-CASES["NC-head-walk-apart-two"] = dict(op="gla", pattern="NC", gate="head", T=40, dtype="float32", target_programs=1,
-                                       gla_constants=dict(APART, BWD_GROUPS_APART=(("dq", "dk"), ("dv",))))
-CASES["CS-none-walk-fused-two"] = dict(op="gla", pattern="CS", gate="none", T=40, dtype="float32", target_programs=1,
-                                       gla_constants=dict(BWD_GROUPS_FUSED=(("dq",), ("dk", "dv"))))
+                                   gla_constants=dict(WALK, **APART))
+CASES["NC-head-walk-apart-two"] = dict(op="gla", pattern="NC", gate="head", T=40, dtype="float32",
+                                       gla_constants=dict(WALK, **APART, BWD_GROUPS_APART=(("dq", "dk"), ("dv",))))
+CASES["CS-none-walk-fused-two"] = dict(op="gla", pattern="CS", gate="none", T=40, dtype="float32",
+                                       gla_constants=dict(WALK, BWD_GROUPS_FUSED=(("dq",), ("dk", "dv"))))
 # walks with 64 state columns (V = 40) over several chunks
 CASES["CS-head-walk-wide"] = dict(op="gla", pattern="CS", gate="head", T=80, V=40, chunk=32, dtype="float32",
-                                  target_programs=1)
+                                  gla_constants=WALK)
 CASES["CS-head-dims"] = dict(op="gla", pattern="CS", gate="head", T=40, K=32, V=24, chunk=32, dtype="float32")
 # chunks of 64, two blocks of state rows and columns in every chunk-parallel kernel (tiles of 64)
 CASES["NS-head-blocks"] = dict(op="gla", pattern="NS", gate="head", T=150, K=80, V=72, chunk=64, dtype="float32")
@@ -71,7 +72,7 @@ CASES["CS-head-fp16"] = dict(op="gla", pattern="CS", gate="head", T=65, dtype="f
 # no gate in fp16: the state products in one fp16 product each (no gate gradient to keep 16 bits for),
 # chunk-parallel, as walks and per segment
 CASES["CS-none-fp16"] = dict(op="gla", pattern="CS", gate="none", T=65, dtype="float16", seed=16)
-CASES["CS-none-walk-fp16"] = dict(op="gla", pattern="CS", gate="none", T=80, dtype="float16", seed=17, target_programs=1)
+CASES["CS-none-walk-fp16"] = dict(op="gla", pattern="CS", gate="none", T=80, dtype="float16", seed=17, gla_constants=WALK)
 CASES["CS-none-seg-fp16"] = dict(op="gla", pattern="CS", gate="none", T=96, dtype="float16", seed=18,
                                  gla_constants=dict(SEG, SEGMENT_MIN=32))
 CASES["CS-channel-fp16"] = dict(op="gla", pattern="CS", gate="channel", B=1, T=40, chunk=32, dtype="float16")
