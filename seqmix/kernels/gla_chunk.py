@@ -259,6 +259,17 @@ def _head_decay(c, BT: tl.constexpr, ANTI: tl.constexpr):
 
 
 @triton.jit
+def _head_decay_t(c, BT: tl.constexpr, ANTI: tl.constexpr):
+    """``[j, i]``: ``exp(c_i - c_j)`` where ``i`` sees ``j``, else 0 (:func:`_head_decay` transposed)."""
+    r = tl.arange(0, BT)
+    if ANTI:
+        sees = r[None, :] > r[:, None]
+    else:
+        sees = r[None, :] >= r[:, None]
+    return tl.exp(tl.where(sees, c[None, :] - c[:, None], float("-inf")))
+
+
+@triton.jit
 def _scores(q, k, c, BT: tl.constexpr, ANTI: tl.constexpr):
     """``A [i, j]``: query ``i`` reading key ``j`` inside the chunk, with its decay (gate per head or none)."""
     return _dot(q, tl.trans(k)) * _head_decay(c, BT, ANTI)
@@ -354,7 +365,9 @@ def _bwd_dk(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, HAS_Q: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, ANTI: tl.constexpr,
 ):
-    """dk for state rows ``i_k``, walking backward with ``dS``; ``-k * dk`` into dG; dh0 rows."""
+    """dk for state rows ``i_k``, walking backward with ``dS``; ``-k * dk`` into dG; dh0 rows. dk is
+    formed transposed, ``dk^T = dS v^T + scale * q^T dA``, so that ``dS`` (registers) is a product's
+    first operand and not copied to shared memory as its second."""
     dt = k.dtype.element_ty
     ck = i_k * BK + tl.arange(0, BK)
     cv = tl.arange(0, BV)
@@ -371,15 +384,16 @@ def _bwd_dk(
         b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, GATE, ANTI)
         b_c = tl.cumsum(b_g, 0)
         b_cl = tl.sum(b_g, 0)
-        b_dk = _rows_times(_dot_split(b_v, tl.trans(b_dS), False, GATE > 0), tl.exp(_to_end(b_c, b_cl, GATE)), GATE)
+        b_dkt = _dot_split(b_dS, tl.trans(b_v), True, GATE > 0) * tl.exp(b_cl - b_c)[None, :]
         b_dS = _decayed(b_dS, b_cl, GATE)
         if HAS_Q:
             b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
             b_do = _tile(do + i_h * V, rows, valid, cv, V, H * V)
-            b_dAt = tl.trans(_dot(b_do, tl.trans(b_v)) * _head_decay(b_c, BT, ANTI))
-            b_dk += scale * _dot(b_dAt.to(dt), b_q)
+            b_dA = _dot(b_do, tl.trans(b_v)) * _head_decay(b_c, BT, ANTI)
+            b_dkt += scale * _dot(tl.trans(b_q), b_dA.to(dt))
             b_qd = _rows_times(scale * b_q.to(tl.float32), tl.exp(b_c), GATE)
             b_dS += _dot_split(tl.trans(b_qd), b_do, True, GATE > 0)
+        b_dk = tl.trans(b_dkt)
         _store(dk + i_h * K, b_dk, rows, valid, ck, K, H * K)
         if GATE:  # k read here, where it is used: fewer tiles live across the products (less spill)
             b_k = _tile(k + i_h * K, rows, valid, ck, K, H * K)
@@ -394,7 +408,9 @@ def _bwd_dv(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE: tl.constexpr, HAS_Q: tl.constexpr, HAS_DHT: tl.constexpr, ANTI: tl.constexpr,
 ):
-    """dv for state columns ``i_v``, walking backward with ``dS``."""
+    """dv for state columns ``i_v``, walking backward with ``dS``. The gates multiply the products'
+    rows (``dv``) or their per-row operand ``do`` instead of k and q, and the scores are formed
+    transposed, so that k and q feed the products straight from shared memory."""
     dt = k.dtype.element_ty
     ck = tl.arange(0, BK)
     cv = i_v * BV + tl.arange(0, BV)
@@ -414,13 +430,13 @@ def _bwd_dv(
         # inputs' dtype where it is made: fewer float32 tiles live at once (less spill)
         if HAS_Q:
             b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
-            b_At = tl.trans(_scores(b_q, b_k, b_c, BT, ANTI)).to(dt)
-        b_dv = _dot(_rows_times(b_k, tl.exp(_to_end(b_c, b_cl, GATE)), GATE).to(dt), b_dS.to(dt))
+            b_At = (_dot(b_k, tl.trans(b_q)) * _head_decay_t(b_c, BT, ANTI)).to(dt)
+        b_dv = _dot(b_k, b_dS.to(dt)) * tl.exp(b_cl - b_c)[:, None]
         b_dS = _decayed(b_dS, b_cl, GATE)
         if HAS_Q:
             b_do = _tile(do + i_h * V, rows, valid, cv, V, H * V)
             b_dv += scale * _dot(b_At, b_do)
-            b_dS += _dot(tl.trans(_rows_times(scale * b_q.to(tl.float32), tl.exp(b_c), GATE).to(dt)), b_do)
+            b_dS += _dot(tl.trans(b_q), (b_do.to(tl.float32) * (scale * tl.exp(b_c))[:, None]).to(dt))
         _store(dv + i_h * V, b_dv, rows, valid, cv, V, H * V)
 
 
