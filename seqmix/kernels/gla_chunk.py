@@ -242,14 +242,20 @@ def _dot_split(a, b, SPLIT_A: tl.constexpr, KEEP: tl.constexpr):
 
 
 @triton.jit
-def _keep(BT: tl.constexpr, ANTI: tl.constexpr):
-    """``[i, j]``: query row ``i`` sees key row ``j`` (``j <= i``; ``j < i`` if ``ANTI``)."""
-    r = tl.arange(0, BT)
+def _sees(i, j, ANTI: tl.constexpr):
+    """Query row ``i`` sees key row ``j`` (``j <= i``; ``j < i`` if ``ANTI``), broadcast."""
     if ANTI:
-        out = r[:, None] > r[None, :]
+        out = i > j
     else:
-        out = r[:, None] >= r[None, :]
+        out = i >= j
     return out
+
+
+@triton.jit
+def _keep(BT: tl.constexpr, ANTI: tl.constexpr):
+    """``[i, j]``: query row ``i`` sees key row ``j``."""
+    r = tl.arange(0, BT)
+    return _sees(r[:, None], r[None, :], ANTI)
 
 
 @triton.jit
@@ -262,11 +268,7 @@ def _head_decay(c, BT: tl.constexpr, ANTI: tl.constexpr):
 def _head_decay_t(c, BT: tl.constexpr, ANTI: tl.constexpr):
     """``[j, i]``: ``exp(c_i - c_j)`` where ``i`` sees ``j``, else 0 (:func:`_head_decay` transposed)."""
     r = tl.arange(0, BT)
-    if ANTI:
-        sees = r[None, :] > r[:, None]
-    else:
-        sees = r[None, :] >= r[:, None]
-    return tl.exp(tl.where(sees, c[None, :] - c[:, None], float("-inf")))
+    return tl.exp(tl.where(_sees(r[None, :], r[:, None], ANTI), c[None, :] - c[:, None], float("-inf")))
 
 
 @triton.jit
@@ -384,7 +386,7 @@ def _bwd_dk(
         b_g = _gate(g, bos, t, valid, Tn, i_h, ck, H, K, BT, GATE, ANTI)
         b_c = tl.cumsum(b_g, 0)
         b_cl = tl.sum(b_g, 0)
-        b_dkt = _dot_split(b_dS, tl.trans(b_v), True, GATE > 0) * tl.exp(b_cl - b_c)[None, :]
+        b_dkt = _dot_split(b_dS, tl.trans(b_v), True, GATE > 0) * tl.exp(_to_end(b_c, b_cl, GATE))[None, :]
         b_dS = _decayed(b_dS, b_cl, GATE)
         if HAS_Q:
             b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
@@ -431,7 +433,7 @@ def _bwd_dv(
         if HAS_Q:
             b_q = _tile(q + i_h * K, rows, valid, ck, K, H * K)
             b_At = (_dot(b_k, tl.trans(b_q)) * _head_decay_t(b_c, BT, ANTI)).to(dt)
-        b_dv = _dot(b_k, b_dS.to(dt)) * tl.exp(b_cl - b_c)[:, None]
+        b_dv = _dot(b_k, b_dS.to(dt)) * tl.exp(_to_end(b_c, b_cl, GATE))[:, None]
         b_dS = _decayed(b_dS, b_cl, GATE)
         if HAS_Q:
             b_do = _tile(do + i_h * V, rows, valid, cv, V, H * V)
